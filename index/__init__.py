@@ -1,0 +1,1 @@
+"""FAISS indexes, the id map, the live-write log, publishing and verification."""

@@ -1,0 +1,1 @@
+"""The `onetower` command line (composes training and service sub-commands)."""

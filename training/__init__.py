@@ -1,0 +1,1 @@
+"""The offline side: synthetic data, Lightning training, evaluation, MLflow registration, reindex."""
