@@ -1,0 +1,60 @@
+"""Training configuration: one frozen dataclass, read from YAML by the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from embed.config import EncoderConfig, preset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the recommendation stage trains. Defaults run the demo on a laptop CPU in about a minute."""
+
+    encoder: str = "demo"  # size by name: tiny, demo, small, base
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 300
+    batch_size: int = 128  # in-batch negatives: larger is a harder, better objective
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    temperature: float = 0.05
+    logq_correction: bool = True  # subtract log popularity of in-batch negatives (Yi et al. 2019)
+    window: int = 4  # items within this many events of each other in a user's history are positives
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    log_every_n_steps: int = 10
+    experiment: str = "onetower"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "window", "devices", "num_nodes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 2 for in-batch negatives")
+        if not 0 < self.temperature <= 1:
+            raise ValueError(f"temperature={self.temperature} must be in (0, 1]")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        self.encoder_config()  # validates the size name and overrides early
+
+    def encoder_config(self) -> EncoderConfig:
+        return preset(self.encoder, **self.encoder_overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,116 @@
+"""Item features for training: tokens and decoded images of every catalog item, and co-engagement pairs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from embed.batch import collate
+from embed.config import EncoderConfig
+from embed.errors import InvalidItemError
+from embed.images import decode_image
+from embed.items import Item
+from embed.model import EncoderInput
+from embed.tokens import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class ItemFeatures:
+    """Tokens and decoded images per catalog row, so training batches are cheap to assemble."""
+
+    def __init__(self, items: Sequence[Item], tokenizer: TextTokenizer, config: EncoderConfig,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.config = config
+        self.item_ids = [it.item_id for it in items]
+        self.row_of = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self.tokens = tokenizer.encode_batch([it.text for it in items], config.max_text_tokens)
+        self.images: list[list[np.ndarray]] = []
+        skipped = 0
+        for it in items:
+            decoded = []
+            for j, data in enumerate(it.images[: config.max_images]):
+                try:
+                    decoded.append(decode_image(data, config.image_size, f"images[{j}]"))
+                except InvalidItemError as e:
+                    skipped += 1
+                    logger.warning("item %s: %s", it.item_id, e)
+            self.images.append(decoded)
+            if progress is not None:
+                progress(1)
+        if skipped:
+            logger.warning("%d images could not be decoded and were left out", skipped)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def batch(self, rows: Sequence[int]) -> EncoderInput:
+        return collate([self.tokens[r] for r in rows], [self.images[r] for r in rows], self.config)
+
+    def text_only(self, rows: Sequence[int]) -> EncoderInput:
+        return collate([self.tokens[r] for r in rows], [[] for _ in rows], self.config)
+
+    def image_only(self, rows: Sequence[int]) -> EncoderInput:
+        return collate([[] for _ in rows], [self.images[r] for r in rows], self.config)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Co-engagement pairs (catalog rows) and each row's sampling log-probability as a positive."""
+
+    anchors: np.ndarray  # int64 [P]
+    positives: np.ndarray  # int64 [P]
+    log_q: np.ndarray  # float32 [n_items]
+
+
+def co_engagement_pairs(interactions: pl.DataFrame, row_of: dict[str, int], window: int,
+                        n_items: int) -> Pairs:
+    """Pairs of distinct items a user engaged with within `window` events of each other (both orders)."""
+    known = pl.DataFrame({"item_id": list(row_of), "row": list(row_of.values())},
+                         schema={"item_id": pl.String, "row": pl.Int64})
+    events = (interactions.join(known, on="item_id", how="inner").sort("user_id", "ts")
+              .select("user_id", "row").with_columns(pl.int_range(pl.len()).over("user_id").alias("pos")))
+    parts = []
+    for offset in range(1, window + 1):
+        shifted = events.with_columns((pl.col("pos") - offset).alias("pos")).rename({"row": "other"})
+        parts.append(events.join(shifted, on=["user_id", "pos"], how="inner").select("row", "other"))
+    pairs = pl.concat(parts).filter(pl.col("row") != pl.col("other"))
+    if pairs.height == 0:
+        raise ValueError("the interactions give no co-engagement pairs: need users with >= 2 known items")
+    a = np.concatenate([pairs["row"].to_numpy(), pairs["other"].to_numpy()])
+    p = np.concatenate([pairs["other"].to_numpy(), pairs["row"].to_numpy()])
+    counts = np.bincount(p, minlength=n_items).astype(np.float64) + 1.0  # +1: never log(0)
+    log_q = np.log(counts / counts.sum()).astype(np.float32)
+    logger.info("%d co-engagement pairs over %d items", len(a), int((counts > 1).sum()))
+    return Pairs(anchors=a.astype(np.int64), positives=p.astype(np.int64), log_q=log_q)
+
+
+class PairDataset(torch.utils.data.Dataset[tuple[int, int]]):
+    """Index -> (anchor row, positive row)."""
+
+    def __init__(self, pairs: Pairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs.anchors)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return int(self.pairs.anchors[i]), int(self.pairs.positives[i])
+
+
+class PairCollator:
+    """Collate (anchor, positive) rows into two encoder batches plus the rows themselves."""
+
+    def __init__(self, features: ItemFeatures) -> None:
+        self.features = features
+
+    def __call__(self, rows: list[tuple[int, int]]) -> tuple[EncoderInput, EncoderInput, torch.Tensor,
+                                                              torch.Tensor]:
+        a = [r[0] for r in rows]
+        p = [r[1] for r in rows]
+        return self.features.batch(a), self.features.batch(p), torch.tensor(a), torch.tensor(p)

@@ -1,0 +1,100 @@
+"""MLflow: the tracking store, registering encoder versions, aliases, and resolving model references."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from embed import load as embed_load
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "onetower-encoder"
+DEFAULT_ALIAS = "champion"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+EMBED_PACKAGE = Path(embed_load.__file__).parent
+PYFUNC_REQUIREMENTS = ["torch>=2.4", "numpy", "safetensors", "tokenizers", "pillow", "polars", "pyarrow"]
+
+
+def local_tracking_uri(workdir: Path) -> str:
+    """The embedded default: a sqlite store inside `workdir`."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
+    """The experiment's id, creating it (with local artifacts under `artifact_root`) when new."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    return str(mlflow.create_experiment(name, artifact_location=location))
+
+
+def register_encoder(encoder_dir: Path, run_id: str, metrics: dict[str, float], model_name: str = MODEL_NAME,
+                     alias: str | None = DEFAULT_ALIAS) -> str:
+    """Log the encoder as a pyfunc model from code in `run_id`, register it, and point `alias` at it.
+
+    The version carries `config.json`, `weights.safetensors` and `tokenizer.json` (artifact
+    `encoder`), the `embed` package as code, and the metrics as tags.
+
+    Returns:
+        The new registered version, as a string.
+    """
+    missing = [f for f in embed_load.ENCODER_FILES if not (encoder_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{encoder_dir} lacks {missing}: not an encoder directory")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="encoder", python_model=str(PYFUNC_FILE), artifacts={"encoder": str(encoder_dir)},
+            code_paths=[str(EMBED_PACKAGE)], pip_requirements=PYFUNC_REQUIREMENTS,
+            registered_model_name=model_name, metadata={"onetower_metrics": json.dumps(metrics)})
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.set_model_version_tag(model_name, version, f"metric.{key}", f"{value:.6g}")
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version)
+    logger.info("registered %s version %s%s", model_name, version, f" as @{alias}" if alias else "")
+    return version
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference made concrete: registry name and version, and a local encoder directory."""
+
+    name: str
+    version: str
+    directory: Path
+
+
+def parse_model_uri(ref: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` or `models:/name/3` -> (name, alias, version)."""
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, alias, None
+    name, _, version = body.partition("/")
+    if not name or not version:
+        raise ValueError(f"model reference {ref!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, None, version
+
+
+def resolve_model(ref: str, cache_dir: Path) -> ResolvedModel:
+    """Resolve a registry URI (or a local encoder directory) and download the encoder files."""
+    if not ref.startswith("models:/"):
+        directory = embed_load.find_encoder_dir(Path(ref))
+        return ResolvedModel(name="local", version=f"local-{directory.name}", directory=directory)
+    name, alias, version = parse_model_uri(ref)
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(version))
+    target = cache_dir / name / str(mv.version)
+    if not (target / "done").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
+        (target / "done").write_text("ok")
+    return ResolvedModel(name=name, version=str(mv.version), directory=embed_load.find_encoder_dir(target))

@@ -1,0 +1,84 @@
+"""The training job: catalog + interactions -> tokenizer -> Lightning fit -> saved encoder (+ MLflow run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import MLFlowLogger
+
+from embed.load import save_encoder
+from embed.tokens import TextTokenizer
+from training.config import TrainConfig
+from training.data import iter_items, read_catalog, read_interactions
+from training.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
+from training.stages import RecommendationStage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    encoder_dir: Path
+    run_id: str
+    metrics: dict[str, float]
+
+
+def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
+          progress_bar: bool = True) -> TrainResult:
+    """Train the encoder on co-engagement and save it under `out_dir/encoder`.
+
+    Logs params and curves to the active MLflow tracking URI (experiment `config.experiment`).
+    """
+    pl.seed_everything(config.seed, workers=True)
+    enc_config = config.encoder_config()
+    started = time.perf_counter()
+    items = list(iter_items(read_catalog(catalog), catalog.parent))
+    tokenizer = TextTokenizer.train((it.text for it in items), enc_config.vocab_size)
+    enc_config = dataclasses.replace(enc_config, vocab_size=tokenizer.vocab_size)
+    features = ItemFeatures(items, tokenizer, enc_config)
+    pairs = co_engagement_pairs(read_interactions(interactions), features.row_of, config.window, len(features))
+    logger.info("prepared %d items and %d pairs in %.1fs", len(features), len(pairs.anchors),
+                time.perf_counter() - started)
+    loader = torch.utils.data.DataLoader(
+        PairDataset(pairs), batch_size=config.batch_size, shuffle=True, drop_last=len(pairs.anchors) > config.batch_size,
+        collate_fn=PairCollator(features), num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0)
+    module = RecommendationStage(
+        encoder_config=dataclasses.asdict(enc_config), lr=config.lr, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, max_steps=config.max_steps, temperature=config.temperature,
+        log_q=pairs.log_q.tolist() if config.logq_correction else None)
+    mlf = MLFlowLogger(experiment_name=config.experiment, tracking_uri=mlflow.get_tracking_uri(),
+                       run_name=f"train-{enc_config.width}w{enc_config.depth}d")
+    trainer = _trainer(config, out_dir, mlf, progress_bar)
+    mlf.log_hyperparams({f"train.{k}": v for k, v in dataclasses.asdict(config).items()})
+    trainer.fit(module, loader)
+    elapsed = time.perf_counter() - started
+    encoder_dir = save_encoder(out_dir / "encoder", module.encoder, tokenizer)
+    loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
+    metrics = {"train_loss": loss, "train_seconds": elapsed,
+               "pairs_per_second": trainer.global_step * config.batch_size / max(elapsed, 1e-9)}
+    mlf.log_metrics(metrics, step=trainer.global_step)
+    logger.info("trained %d steps in %.1fs, final loss %.4f", trainer.global_step, elapsed, loss)
+    return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics)
+
+
+def _trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger, progress_bar: bool) -> pl.Trainer:
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True)]
+    if progress_bar:
+        callbacks.append(RichProgressBar())
+    return pl.Trainer(
+        max_steps=config.max_steps, accelerator=config.accelerator, devices=config.devices,
+        num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,  # type: ignore[arg-type]
+        logger=mlf, callbacks=callbacks, log_every_n_steps=config.log_every_n_steps,
+        enable_progress_bar=progress_bar, default_root_dir=out_dir, enable_model_summary=False,
+        max_epochs=-1)
