@@ -1,0 +1,58 @@
+"""Settings of the FAISS index and of per-query search overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("flat", "hnsw", "ivfpq", "auto")
+# `auto` picks exact search while it is cheap, HNSW while it fits in memory, then IVF-PQ.
+AUTO_FLAT_BELOW = 100_000
+AUTO_HNSW_BELOW = 2_000_000
+
+
+def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build and search the item index."""
+
+    kind: str = "auto"  # "flat" | "hnsw" | "ivfpq" | "auto" (by item count, see AUTO_*_BELOW)
+    hnsw_m: int = 32  # graph degree: more is better recall and more memory
+    ef_construction: int = 200
+    ef_search: int = 128  # recall@10 >= 0.95 on the seeded clustered tests
+    ivf_nlist: int = 0  # 0: chosen from the count (~4*sqrt(n), at least 39 training points per list)
+    pq_m: int = 32  # sub-quantizers; the dim must be divisible by it
+    nprobe: int = 32
+    use_opq: bool = True  # rotate before PQ (OPQ): better recall for the same code size
+    refine_factor: int = 4  # ivfpq: re-rank k*refine_factor PQ hits exactly against the stored vectors
+    threads: int = 0  # 0: leave FAISS's default; >0: faiss.omp_set_num_threads
+    use_gpu: bool = True  # only takes effect when faiss.get_num_gpus() > 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} must be one of {', '.join(KINDS)}")
+        _check_positive("hnsw_m", self.hnsw_m, 2)
+        _check_positive("ef_construction", self.ef_construction)
+        _check_positive("ef_search", self.ef_search)
+        _check_positive("ivf_nlist", self.ivf_nlist, 0)
+        _check_positive("pq_m", self.pq_m)
+        _check_positive("nprobe", self.nprobe)
+        _check_positive("refine_factor", self.refine_factor)
+        _check_positive("threads", self.threads, 0)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Per-query overrides of the search effort; never set on the shared index."""
+
+    ef_search: int | None = None
+    nprobe: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ef_search is not None:
+            _check_positive("ef_search", self.ef_search)
+        if self.nprobe is not None:
+            _check_positive("nprobe", self.nprobe)

@@ -1,0 +1,225 @@
+"""Build and search FAISS indexes: inner product on unit vectors, label of row i is i."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from index.config import AUTO_FLAT_BELOW, AUTO_HNSW_BELOW, IndexConfig, SearchParams
+
+logger = logging.getLogger(__name__)
+
+FAISS_MISSING = "FAISS is not installed: pip install 'onetower[cpu]' (or [gpu] on a CUDA machine)"
+PQ_BITS = 8  # 256 centroids per sub-quantizer, the layout every FAISS backend supports
+MIN_IVFPQ_COUNT = 4 * (1 << PQ_BITS)  # fewer points cannot train the PQ codebooks
+TRAIN_POINTS_PER_LIST = 256  # FAISS's own k-means cap; more training points only cost time
+
+
+def import_faiss() -> ModuleType:
+    """Import faiss, or fail with the command that installs it."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError as exc:
+        raise RuntimeError(FAISS_MISSING) from exc
+
+
+def configure_faiss(threads: int, blas_threshold: int | None = None) -> None:
+    """Set process-wide FAISS knobs for serving.
+
+    Args:
+        threads: OpenMP threads per search (>0 sets them, 0 leaves FAISS's default).
+            Servers that run many searches concurrently want 1.
+        blas_threshold: batches of at least this many queries use BLAS for exact search;
+            FAISS's default (20) makes small batches take a slow path.
+    """
+    faiss = import_faiss()
+    if threads < 0:
+        raise ValueError(f"threads={threads} must be >= 0")
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    if blas_threshold is not None:
+        if blas_threshold < 1:
+            raise ValueError(f"blas_threshold={blas_threshold} must be >= 1")
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold
+    logger.info("faiss configured: threads=%d blas_threshold=%s", threads, blas_threshold)
+
+
+def resolve_kind(config: IndexConfig, count: int) -> str:
+    """The concrete index kind for `count` items (resolves "auto")."""
+    if count < 0:
+        raise ValueError(f"count={count} must be >= 0")
+    if config.kind != "auto":
+        return config.kind
+    if count < AUTO_FLAT_BELOW:
+        return "flat"
+    if count < AUTO_HNSW_BELOW:
+        return "hnsw"
+    return "ivfpq"
+
+
+def choose_nlist(config: IndexConfig, count: int) -> int:
+    """The number of IVF lists: the configured one, else ~4*sqrt(count) with enough points to train."""
+    if config.ivf_nlist:
+        return config.ivf_nlist
+    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+
+
+def as_matrix(vectors: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    """`vectors` as a C-contiguous float32 [n, dim] array with finite values."""
+    try:
+        arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be castable to float32: {exc}") from exc
+    if arr.ndim != 2:
+        raise ValueError(f"{name} has shape {arr.shape}, want 2-D [n, dim]")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} has dim {arr.shape[1]}, want {dim}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds NaN or infinite values, want finite")
+    return arr
+
+
+def build_index(vectors: np.ndarray, config: IndexConfig) -> Any:
+    """Build a CPU FAISS index over `vectors` (unit rows); the label of row i is i.
+
+    The heavy lifting runs on a GPU when one is present and `config.use_gpu`; the
+    returned index is always a CPU copy, ready for `faiss.write_index`.
+    """
+    faiss = import_faiss()
+    x = as_matrix(vectors, "vectors")
+    count, dim = x.shape
+    if count == 0:
+        raise ValueError("vectors has 0 rows, want at least 1")
+    if config.threads:
+        faiss.omp_set_num_threads(config.threads)
+    kind = resolve_kind(config, count)
+    index = _empty_index(faiss, kind, dim, count, config)
+    index = _fill(faiss, index, x, kind, config)
+    logger.info("built %s index: %d x %d", kind, count, dim)
+    return index
+
+
+def _empty_index(faiss: ModuleType, kind: str, dim: int, count: int, config: IndexConfig) -> Any:
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.ef_construction
+        index.hnsw.efSearch = config.ef_search
+        return index
+    if dim % config.pq_m:
+        raise ValueError(f"dim {dim} is not divisible by pq_m={config.pq_m}")
+    if count < MIN_IVFPQ_COUNT:
+        raise ValueError(f"kind='ivfpq' needs at least {MIN_IVFPQ_COUNT} vectors to train, got {count}")
+    nlist = choose_nlist(config, count)
+    opq = f"OPQ{config.pq_m}," if config.use_opq else ""
+    spec = f"{opq}IVF{nlist},PQ{config.pq_m}x{PQ_BITS}"
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(index).nprobe = config.nprobe
+    return index
+
+
+def _fill(faiss: ModuleType, index: Any, x: np.ndarray, kind: str, config: IndexConfig) -> Any:
+    """Train (if needed) and add `x`, on a GPU when allowed and possible."""
+    target = index
+    gpu = config.use_gpu and kind != "hnsw" and _num_gpus(faiss) > 0
+    if gpu:
+        try:
+            target = faiss.index_cpu_to_all_gpus(index)
+        except (RuntimeError, AttributeError) as exc:  # e.g. a PQ layout the GPU lacks
+            logger.warning("building %s on CPU: GPU copy failed: %s", kind, exc)
+            gpu = False
+            target = index
+    if not target.is_trained:
+        target.train(_training_sample(x, kind, config))
+    target.add(x)
+    return faiss.index_gpu_to_cpu(target) if gpu else target
+
+
+def _num_gpus(faiss: ModuleType) -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _training_sample(x: np.ndarray, kind: str, config: IndexConfig) -> np.ndarray:
+    """At most the points FAISS would use anyway, seeded, so builds are reproducible and bounded."""
+    cap = TRAIN_POINTS_PER_LIST * max(choose_nlist(config, x.shape[0]), 1 << PQ_BITS)
+    if kind != "ivfpq" or x.shape[0] <= cap:
+        return x
+    rows = np.random.default_rng(0).choice(x.shape[0], size=cap, replace=False)
+    return x[np.sort(rows)]
+
+
+def index_kind(index: Any) -> str:
+    """"flat", "hnsw" or "ivfpq" for an index built by `build_index` (or read back)."""
+    faiss = import_faiss()
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivfpq"
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    raise ValueError(f"index of type {type(inner).__name__} is not one build_index makes")
+
+
+def search_index(
+    index: Any,
+    queries: np.ndarray,
+    k: int,
+    selector: Any | None,
+    params: SearchParams | None,
+    config: IndexConfig,
+    vectors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search `index` for the `k` best rows per query.
+
+    Args:
+        selector: a faiss.IDSelector restricting the labels searched, or None.
+        params: per-call effort overrides (never written to the shared index).
+        vectors: the stored rows; for ivfpq, k*refine_factor hits are re-ranked exactly
+            against them, so scores are true inner products.
+
+    Returns:
+        (scores float32 [n, k], labels int64 [n, k]); missing hits have label -1.
+    """
+    q = as_matrix(queries, "queries", index.d)
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    kind = index_kind(index)
+    exact = vectors if kind == "ivfpq" and config.refine_factor > 1 else None
+    fetch = k * config.refine_factor if exact is not None else k
+    search_params = _search_parameters(kind, selector, params or SearchParams(), config)
+    scores, labels = index.search(q, fetch, params=search_params)
+    if exact is not None:
+        return rerank(q, labels, exact, k)
+    return scores, labels
+
+
+def _search_parameters(kind: str, selector: Any | None, params: SearchParams, config: IndexConfig) -> Any:
+    faiss = import_faiss()
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=params.ef_search or config.ef_search, sel=selector)
+    if kind == "ivfpq":
+        return faiss.SearchParametersIVF(nprobe=params.nprobe or config.nprobe, sel=selector)
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def rerank(queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidate labels; the best `k`, -1 padded."""
+    valid = labels >= 0
+    rows = np.asarray(vectors[np.where(valid, labels, 0).ravel()], dtype=np.float32)
+    cand = rows.reshape(labels.shape[0], labels.shape[1], -1)  # (n, fetch, dim)
+    scores = np.einsum("nfd,nd->nf", cand, queries)
+    scores[~valid] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_labels = np.where(np.isfinite(top_scores), np.take_along_axis(labels, order, axis=1), -1)
+    return top_scores.astype(np.float32), top_labels.astype(np.int64)

@@ -1,0 +1,243 @@
+"""The serving view of an index: the published main index plus live writes since it was built.
+
+Upserts land in a small exact "fresh" matrix searched beside the main index; deletes and
+superseded main rows are tombstones filtered inside FAISS with an ID selector. Results of both
+are merged by score. Every write goes to the `WriteLog` (fsync) before it is applied, and a
+restart replays the log, so nothing acknowledged is lost.
+
+Readers never take a lock: each write builds a new immutable `_State` and swaps one reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from index.config import IndexConfig, SearchParams
+from index.errors import ReembedError
+from index.faiss_index import as_matrix, import_faiss, search_index
+from index.log import LogRecord, WriteLog
+from index.publish import PublishedIndex
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 1000
+EmbedFn = Callable[[Sequence[LogRecord]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour."""
+
+    item_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class _State:
+    dead: np.ndarray  # sorted int64 main labels that are deleted or superseded by a fresh row
+    fresh_vectors: np.ndarray  # float32 (capacity, dim); rows < fresh_count are written
+    fresh_count: int
+    fresh_alive: np.ndarray  # bool (fresh_count,)
+
+
+class LiveIndex:
+    """Main index + fresh live writes + tombstones, searched as one.
+
+    Args:
+        published: the loaded, verified main index.
+        log: the write log (replayed now); None keeps live writes in memory only (tests, tools).
+        model_version: the version vectors are made with now; log records of another version
+            are re-embedded with `embed_fn` on replay.
+    """
+
+    def __init__(self, published: PublishedIndex, log: WriteLog | None, model_version: str,
+                 config: IndexConfig | None = None, embed_fn: EmbedFn | None = None) -> None:
+        self.main = published
+        self.log = log
+        self.model_version = model_version
+        self.config = config or IndexConfig()
+        self.dim = published.manifest.dim
+        self._lock = threading.Lock()
+        self._fresh_ids: list[str] = []
+        self._fresh_attrs: list[dict[str, str]] = []
+        self._fresh_row: dict[str, int] = {}
+        self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool))
+        if log is not None and len(log):
+            self._replay(log.records, embed_fn)
+
+    # ---- reading -------------------------------------------------------------------------------
+    @property
+    def index_version(self) -> str:
+        return self.main.manifest.index_version
+
+    @property
+    def kind(self) -> str:
+        return self.main.manifest.kind
+
+    def __len__(self) -> int:
+        s = self._state
+        return len(self.main.ids) - len(s.dead) + int(s.fresh_alive.sum())
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, str) and self.vector(item_id) is not None
+
+    def vector(self, item_id: str) -> np.ndarray | None:
+        """The stored vector of a live item, or None."""
+        s = self._state
+        row = self._fresh_row.get(item_id)
+        if row is not None and row < s.fresh_count and s.fresh_alive[row]:
+            return np.array(s.fresh_vectors[row])
+        label = self.main.ids.label(item_id)
+        if label is None or _holds(s.dead, label):
+            return None
+        return np.array(self.main.vectors[label], dtype=np.float32)
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[str] = (),
+               attributes_equal: Mapping[str, str] | None = None, min_score: float | None = None,
+               self_ids: Sequence[str | None] | None = None,
+               params: SearchParams | None = None) -> list[list[Hit]]:
+        """The best `k` live items per query, best first.
+
+        Args:
+            exclude: item ids never returned.
+            attributes_equal: only items whose attributes hold every (key, value).
+            self_ids: per query, an item id to leave out of that query's results (the query item).
+        """
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k={k} must be in [1, {MAX_K}]")
+        q = as_matrix(queries, "queries", self.dim)
+        self_ids = list(self_ids) if self_ids is not None else [None] * len(q)
+        if len(self_ids) != len(q):
+            raise ValueError(f"{len(self_ids)} self ids for {len(q)} queries")
+        s = self._state
+        fetch = k + (1 if any(self_ids) else 0)
+        main = self._search_main(s, q, fetch, exclude, attributes_equal, params)
+        fresh = self._search_fresh(s, q, fetch, set(exclude), attributes_equal)
+        floor = -np.inf if min_score is None else min_score
+        out = []
+        for i, own in enumerate(self_ids):
+            hits = [h for h in (*main[i], *fresh[i]) if h.item_id != own and h.score >= floor]
+            hits.sort(key=lambda h: -h.score)
+            out.append(hits[:k])
+        return out
+
+    def _search_main(self, s: _State, q: np.ndarray, fetch: int, exclude: Sequence[str],
+                     attributes_equal: Mapping[str, str] | None, params: SearchParams | None) -> list[list[Hit]]:
+        faiss = import_faiss()
+        ids = self.main.ids
+        dead = s.dead
+        excluded = [lab for lab in map(ids.label, exclude) if lab is not None]
+        if excluded:
+            dead = np.union1d(dead, np.asarray(excluded, np.int64))
+        keep: Any = None  # arrays the selector points into must outlive the search
+        if attributes_equal:
+            keep = np.setdiff1d(ids.labels_with(attributes_equal), dead, assume_unique=True)
+            if len(keep) == 0:
+                return [[] for _ in range(len(q))]
+            selector = faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep))
+        elif len(dead):
+            keep = dead
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep)))
+        else:
+            selector = None
+        limit = min(fetch, self.main.index.ntotal)
+        scores, labels = search_index(self.main.index, q, limit, selector, params, self.config, self.main.vectors)
+        del keep
+        return [[Hit(ids.item_ids[lab], float(sc)) for sc, lab in zip(row_s, row_l, strict=True) if lab >= 0]
+                for row_s, row_l in zip(scores, labels, strict=True)]
+
+    def _search_fresh(self, s: _State, q: np.ndarray, fetch: int, exclude: set[str],
+                      attributes_equal: Mapping[str, str] | None) -> list[list[Hit]]:
+        n = s.fresh_count
+        if n == 0 or not s.fresh_alive.any():
+            return [[] for _ in range(len(q))]
+        ok = s.fresh_alive.copy()
+        for row in range(n):
+            if ok[row] and (self._fresh_ids[row] in exclude or (attributes_equal and any(
+                    self._fresh_attrs[row].get(key) != value for key, value in attributes_equal.items()))):
+                ok[row] = False
+        scores = q @ s.fresh_vectors[:n].T  # (Q, n)
+        scores[:, ~ok] = -np.inf
+        take = min(fetch, n)
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        return [[Hit(self._fresh_ids[r], float(scores[i, r])) for r in row if np.isfinite(scores[i, r])]
+                for i, row in enumerate(top)]
+
+    # ---- writing -------------------------------------------------------------------------------
+    def upsert(self, records: Sequence[LogRecord]) -> None:
+        """Durably write upserts (log + fsync), then make them searchable."""
+        for i, r in enumerate(records):
+            if r.op != "upsert" or r.vector is None:
+                raise ValueError(f"records[{i}] must be an upsert with a vector")
+            as_matrix(r.vector[None, :], f"records[{i}].vector", self.dim)
+        with self._lock:
+            if self.log is not None:
+                self.log.append(records)
+            self._apply(records)
+
+    def delete(self, item_ids: Sequence[str]) -> int:
+        """Durably delete items; returns how many were live."""
+        live = [i for i in dict.fromkeys(item_ids) if i in self]
+        if not live:
+            return 0
+        records = [LogRecord(op="delete", item_id=i, model_version=self.model_version) for i in live]
+        with self._lock:
+            if self.log is not None:
+                self.log.append(records)
+            self._apply(records)
+        return len(live)
+
+    def _replay(self, records: Sequence[LogRecord], embed_fn: EmbedFn | None) -> None:
+        stale = [r for r in records if r.op == "upsert" and r.model_version != self.model_version]
+        if stale:
+            if embed_fn is None:
+                raise ReembedError(f"{len(stale)} log records were embedded by another model version "
+                                   f"(e.g. {stale[0].model_version!r}, serving {self.model_version!r}) "
+                                   "and no encoder was given to re-embed them")
+            vectors = as_matrix(embed_fn(stale), "re-embedded vectors", self.dim)
+            fixed = {id(r): LogRecord(op=r.op, item_id=r.item_id, model_version=self.model_version,
+                                      vector=v, content=r.content, content_hash=r.content_hash)
+                     for r, v in zip(stale, vectors, strict=True)}
+            records = [fixed.get(id(r), r) for r in records]
+            logger.info("re-embedded %d log records under model version %s", len(stale), self.model_version)
+        with self._lock:
+            self._apply(records)
+        logger.info("replayed %d live writes: %d items live", len(records), len(self))
+
+    def _apply(self, records: Sequence[LogRecord]) -> None:
+        """Apply records to a new state and publish it with one assignment (caller holds the lock)."""
+        s = self._state
+        dead = set(s.dead.tolist())
+        vectors, count = s.fresh_vectors, s.fresh_count
+        alive = np.concatenate([s.fresh_alive, np.zeros(sum(r.op == "upsert" for r in records), bool)])
+        for r in records:
+            old = self._fresh_row.get(r.item_id)
+            if old is not None:
+                alive[old] = False
+                if r.op != "upsert":
+                    del self._fresh_row[r.item_id]
+            label = self.main.ids.label(r.item_id)
+            if label is not None:
+                dead.add(label)
+            if r.op != "upsert":
+                continue
+            if count == len(vectors):
+                vectors = np.concatenate([vectors, np.zeros_like(vectors)])  # readers keep the old buffer
+            vectors[count] = r.vector
+            self._fresh_ids.append(r.item_id)
+            self._fresh_attrs.append({str(k): str(v) for k, v in dict(r.content.get("attributes", {})).items()})
+            self._fresh_row[r.item_id] = count
+            alive[count] = True
+            count += 1
+        self._state = _State(np.asarray(sorted(dead), np.int64), vectors, count, alive[:count])
+
+
+def _holds(sorted_labels: np.ndarray, label: int) -> bool:
+    i = int(np.searchsorted(sorted_labels, label))
+    return i < len(sorted_labels) and int(sorted_labels[i]) == label

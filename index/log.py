@@ -1,0 +1,150 @@
+"""The live-write log: append-only, checksummed frames, fsync'd before a write is acknowledged.
+
+Frame: ``u32 length | u32 crc32(payload) | payload`` (little endian); the payload is a JSON record.
+A torn tail (the process died mid-append) is dropped and truncated on open; a damaged frame
+before the end stops the load with `CorruptLogError`, since skipping it would lose acknowledged writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.errors import CorruptLogError
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<II")
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One live write. `op` is "upsert" (content, vector and model version set) or "delete"."""
+
+    op: str
+    item_id: str
+    model_version: str = ""
+    vector: np.ndarray | None = None  # float32 (dim,)
+    content: Mapping[str, Any] = field(default_factory=dict)  # title, description, attributes, images (bytes)
+    content_hash: str = ""
+
+    def to_bytes(self) -> bytes:
+        content = dict(self.content)
+        content["images"] = [base64.b64encode(bytes(b)).decode() for b in content.get("images", ())]
+        body = {"op": self.op, "item_id": self.item_id, "model_version": self.model_version,
+                "content": content, "content_hash": self.content_hash,
+                "vector": None if self.vector is None else
+                base64.b64encode(np.asarray(self.vector, dtype="<f4").tobytes()).decode()}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LogRecord:
+        body = json.loads(data)
+        content = dict(body.get("content") or {})
+        content["images"] = [base64.b64decode(b) for b in content.get("images", ())]
+        vector = body.get("vector")
+        return cls(op=body["op"], item_id=body["item_id"], model_version=body.get("model_version", ""),
+                   vector=None if vector is None else np.frombuffer(base64.b64decode(vector), dtype="<f4").copy(),
+                   content=content, content_hash=body.get("content_hash", ""))
+
+
+def _frame(record: LogRecord) -> bytes:
+    payload = record.to_bytes()
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+class WriteLog:
+    """An append-only file of `LogRecord`s. Thread-safe; `append` returns only after fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._records, good_end = self._scan()
+        self._file = path.open("ab")
+        if self._file.tell() != good_end:
+            logger.warning("%s: dropping a torn tail of %d bytes", path, self._file.tell() - good_end)
+            self._file.truncate(good_end)
+            self._file.seek(good_end)
+            os.fsync(self._file.fileno())
+
+    def _scan(self) -> tuple[list[LogRecord], int]:
+        if not self.path.exists():
+            return [], 0
+        data = self.path.read_bytes()
+        records: list[LogRecord] = []
+        pos = 0
+        while pos < len(data):
+            if pos + _HEADER.size > len(data):
+                break  # torn header at the tail
+            length, crc = _HEADER.unpack_from(data, pos)
+            end = pos + _HEADER.size + length
+            payload = data[pos + _HEADER.size: end]
+            intact = length <= MAX_RECORD_BYTES and end <= len(data) and zlib.crc32(payload) == crc
+            if not intact:
+                if length <= MAX_RECORD_BYTES and end >= len(data):
+                    break  # the last frame was being written when the process died
+                raise CorruptLogError(
+                    f"{self.path}: frame {len(records)} at byte {pos} is damaged (checksum mismatch) and "
+                    f"{len(data) - end} bytes follow it; refusing to drop acknowledged writes")
+            try:
+                records.append(LogRecord.from_bytes(payload))
+            except (ValueError, KeyError) as e:
+                raise CorruptLogError(f"{self.path}: frame {len(records)} at byte {pos} is unreadable: {e}") from None
+            pos = end
+        return records, pos
+
+    @property
+    def records(self) -> list[LogRecord]:
+        """Every record read at open plus those appended since, in order."""
+        with self._lock:
+            return list(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def append(self, records: Iterable[LogRecord]) -> None:
+        """Write and fsync `records`; raises OSError (e.g. ENOSPC, EIO) without acknowledging them."""
+        batch = list(records)
+        data = b"".join(_frame(r) for r in batch)
+        with self._lock:
+            start = self._file.tell()
+            try:
+                self._file.write(data)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError:
+                self._file.truncate(start)  # best effort: do not leave half a batch behind
+                self._file.seek(start)
+                raise
+            self._records.extend(batch)
+
+    def truncate(self, keep_from: int = 0) -> None:
+        """Drop records before index `keep_from` (after they were folded into a published index)."""
+        with self._lock:
+            kept = self._records[keep_from:]
+            tmp = self.path.with_suffix(".tmp")
+            with tmp.open("wb") as f:
+                f.write(b"".join(_frame(r) for r in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            self._file.close()
+            os.replace(tmp, self.path)
+            self._file = self.path.open("ab")
+            self._records = kept
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()

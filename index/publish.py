@@ -1,0 +1,221 @@
+"""Published index directories: write, checksum, point `CURRENT` at them atomically, verify on load.
+
+Layout under an index root::
+
+    root/CURRENT                      the served version's name (replaced by write-fsync-rename)
+    root/versions/<version>/index.faiss
+    root/versions/<version>/ids.parquet
+    root/versions/<version>/vectors.npy   the stored unit vectors (GetEmbeddings, exact re-ranking)
+    root/versions/<version>/manifest.json model name+version, dim, kind, params, count, created, sha256s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.config import IndexConfig
+from index.errors import IndexVerificationError
+from index.faiss_index import as_matrix, build_index, import_faiss, index_kind
+from index.ids import IdMap
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE, IDS_FILE, VECTORS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "vectors.npy", "manifest.json"
+DATA_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE)
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a published index holds and the checksum of every file."""
+
+    index_version: str
+    model_name: str
+    model_version: str
+    dim: int
+    kind: str
+    params: dict[str, Any]
+    count: int
+    created: str
+    files: dict[str, str]  # file name -> sha256 hex
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(known - set(data))
+        if missing:
+            raise ValueError(f"manifest lacks {missing}")
+        return cls(**{k: data[k] for k in known})
+
+
+@dataclass
+class PublishedIndex:
+    """A loaded, verified index version."""
+
+    path: Path
+    manifest: Manifest
+    index: Any  # faiss.Index
+    ids: IdMap
+    vectors: np.ndarray  # float32 (count, dim), row = label
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_version_name(model_version: str) -> str:
+    """A sortable, unique version name: UTC time, model version, a short random suffix."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    safe = "".join(c if c.isalnum() else "-" for c in model_version)[:32]
+    return f"{stamp}-m{safe}-{os.urandom(3).hex()}"
+
+
+def publish_index(root: Path, vectors: np.ndarray, ids: IdMap, config: IndexConfig, model_name: str,
+                  model_version: str, make_current: bool = True) -> PublishedIndex:
+    """Build an index over `vectors` (row i = `ids` label i), write it as a new version, verify it,
+    and (by default) point `CURRENT` at it.
+    """
+    x = as_matrix(vectors, "vectors")
+    if len(x) != len(ids):
+        raise ValueError(f"{len(x)} vectors but {len(ids)} ids")
+    faiss = import_faiss()
+    index = build_index(x, config)
+    version = new_version_name(model_version)
+    staging = root / VERSIONS / f".{version}.tmp"
+    staging.mkdir(parents=True)
+    faiss.write_index(index, str(staging / INDEX_FILE))
+    ids.write(staging / IDS_FILE)
+    np.save(staging / VECTORS_FILE, x)
+    for name in DATA_FILES:
+        with (staging / name).open("rb+") as f:
+            os.fsync(f.fileno())
+    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("threads", "use_gpu")}
+    manifest = Manifest(
+        index_version=version, model_name=model_name, model_version=model_version, dim=int(x.shape[1]),
+        kind=index_kind(index), params=params, count=len(ids),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files={name: sha256_file(staging / name) for name in DATA_FILES})
+    _fsync_write(staging / MANIFEST_FILE, manifest.to_json().encode())
+    final = root / VERSIONS / version
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+    published = load_version(root, version)  # verify what landed on disk before anyone serves it
+    if make_current:
+        set_current(root, version)
+    logger.info("published index %s (%s, %d x %d) for %s/%s", version, manifest.kind, len(ids),
+                manifest.dim, model_name, model_version)
+    return published
+
+
+def set_current(root: Path, version: str) -> None:
+    """Point `root/CURRENT` at `version` atomically (write a temp file, fsync, rename over)."""
+    if not (root / VERSIONS / version / MANIFEST_FILE).is_file():
+        raise IndexVerificationError(f"cannot make {version} current: {root / VERSIONS / version} has no manifest")
+    tmp = root / f".{CURRENT}.tmp"
+    _fsync_write(tmp, (version + "\n").encode())
+    os.replace(tmp, root / CURRENT)
+    _fsync_dir(root)
+
+
+def read_current(root: Path) -> str | None:
+    """The version `CURRENT` names, or None when nothing was published."""
+    try:
+        name = (root / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def verify_version(directory: Path) -> Manifest:
+    """Check the manifest and the sha256 of every file it lists.
+
+    Raises:
+        IndexVerificationError: naming the missing, truncated or altered file.
+    """
+    try:
+        manifest = Manifest.from_json((directory / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise IndexVerificationError(f"{directory / MANIFEST_FILE} is missing") from None
+    except (ValueError, TypeError) as e:
+        raise IndexVerificationError(f"{directory / MANIFEST_FILE} is not a valid manifest: {e}") from None
+    for name in DATA_FILES:
+        path = directory / name
+        if name not in manifest.files:
+            raise IndexVerificationError(f"{directory / MANIFEST_FILE} does not list {name}")
+        if not path.is_file():
+            raise IndexVerificationError(f"{path} is missing")
+        if sha256_file(path) != manifest.files[name]:
+            raise IndexVerificationError(f"{path} does not match its sha256 in the manifest (truncated or altered)")
+    return manifest
+
+
+def load_version(root: Path, version: str | None = None, mmap: bool = True) -> PublishedIndex:
+    """Load and verify a published version (default: the one `CURRENT` names)."""
+    version = version or read_current(root)
+    if version is None:
+        raise IndexVerificationError(f"{root} has no {CURRENT} pointer: publish an index first (onetower reindex)")
+    directory = root / VERSIONS / version
+    manifest = verify_version(directory)
+    faiss = import_faiss()
+    index = faiss.read_index(str(directory / INDEX_FILE))
+    ids = IdMap.read(directory / IDS_FILE)
+    vectors = np.load(directory / VECTORS_FILE, mmap_mode="r" if mmap else None)
+    if not (index.ntotal == len(ids) == len(vectors) == manifest.count) or index.d != manifest.dim:
+        raise IndexVerificationError(
+            f"{directory}: counts disagree (index {index.ntotal}, ids {len(ids)}, vectors {len(vectors)}, "
+            f"manifest {manifest.count}) or dim {index.d} != manifest {manifest.dim}")
+    return PublishedIndex(path=directory, manifest=manifest, index=index, ids=ids, vectors=vectors)
+
+
+def list_versions(root: Path) -> list[str]:
+    """Published version names, oldest first."""
+    folder = root / VERSIONS
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def prune_versions(root: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions (never the current one); returns what was removed."""
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1")
+    current = read_current(root)
+    old = [v for v in list_versions(root)[:-keep] if v != current]
+    for v in old:
+        shutil.rmtree(root / VERSIONS / v)
+    return old
