@@ -1,0 +1,147 @@
+"""`onetower serve`, `onetower query` and `onetower info`: the online side's commands."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import polars as pl
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.client import Client, Neighbor
+from service.config import DEFAULT_PORT, ServiceConfig
+from service.server import RunningServer, start_server
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", envvar="ONETOWER_MODEL",
+    help="Registry reference (models:/NAME@ALIAS or models:/NAME/VERSION) or a local encoder directory.")]
+IndexOpt = Annotated[Path, typer.Option(
+    "--index-root", envvar="ONETOWER_INDEX_ROOT", help="Folder that `onetower reindex` publishes into.")]
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI, e.g. sqlite:///mlflow.db.")]
+PortOpt = Annotated[int, typer.Option("--port", envvar="ONETOWER_PORT", help="gRPC port (0 picks a free one).")]
+TargetOpt = Annotated[str, typer.Option("--target", envvar="ONETOWER_TARGET", help="host:port of a running server.")]
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "models:/onetower-encoder@champion",
+    index_root: IndexOpt = Path("index"),
+    tracking_uri: TrackingOpt = None,
+    host: Annotated[str, typer.Option(envvar="ONETOWER_HOST", help="Interface to bind; 0.0.0.0 for all.")]
+    = "127.0.0.1",
+    port: PortOpt = DEFAULT_PORT,
+    workers: Annotated[int, typer.Option(help="gRPC handler threads.")] = 8,
+    poll_seconds: Annotated[float, typer.Option(
+        help="How often to look for a new model alias / published index pair (0: never).")] = 30.0,
+    metrics_port: Annotated[int | None, typer.Option(
+        envvar="ONETOWER_METRICS_PORT", help="Serve Prometheus /metrics on this HTTP port.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where registry model files are downloaded.")]
+    = Path(".onetower-cache"),
+) -> None:
+    """Serve the gRPC API for the model the registry alias names and the index published for it.
+
+    Example:
+
+        onetower serve --model models:/onetower-encoder@champion --index-root ./index \\
+            --tracking-uri sqlite:///mlflow.db --port 50051 --metrics-port 9090
+
+    Health (grpc.health.v1) answers NOT_SERVING until model and index are loaded; reflection is on,
+    so `grpcurl -plaintext localhost:50051 list` shows the API. SIGTERM or Ctrl-C stops gracefully.
+    """
+    config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
+                           workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
+                           cache_dir=cache_dir)
+    running = start_server(config)
+    console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
+    serve_until_signal(running)
+
+
+def serve_until_signal(running: RunningServer) -> None:
+    """Block until SIGINT/SIGTERM, then stop gracefully (in-flight calls finish, the log is closed)."""
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("signal %d: shutting down", signum)
+        done.set()
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        done.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        running.stop()
+
+
+def _titles(catalog: Path | None) -> dict[str, str]:
+    if catalog is None or not catalog.exists():
+        return {}
+    frame = pl.read_parquet(catalog, columns=["item_id", "title"])
+    return dict(zip(frame["item_id"].cast(pl.String).to_list(), frame["title"].fill_null("").to_list(), strict=True))
+
+
+def neighbours_table(query: str, neighbours: list[Neighbor], titles: dict[str, str]) -> Table:
+    """A rich table of neighbours (rank, id, score, title when known)."""
+    table = Table(title=f"neighbours of {query}")
+    table.add_column("#", justify="right")
+    table.add_column("item_id")
+    table.add_column("score", justify="right")
+    table.add_column("title")
+    for rank, n in enumerate(neighbours, 1):
+        table.add_row(str(rank), n.item_id, f"{n.score:.4f}", titles.get(n.item_id, ""))
+    return table
+
+
+@app.command()
+def query(
+    item_id: Annotated[list[str], typer.Argument(help="One or more item ids to find neighbours for.")],
+    k: Annotated[int, typer.Option("-k", help="Neighbours per item (1..1000).")] = 10,
+    target: TargetOpt = f"127.0.0.1:{DEFAULT_PORT}",
+    catalog: Annotated[Path | None, typer.Option(help="Catalog parquet, to show titles beside ids.")] = None,
+    timeout: Annotated[float, typer.Option(help="Deadline per call, seconds.")] = 10.0,
+) -> None:
+    """Ask a running server for the items most similar to ITEM_ID (never the item itself).
+
+    Example:
+
+        onetower query item-000042 -k 5 --target 127.0.0.1:50051 --catalog data/catalog.parquet
+    """
+    titles = _titles(catalog)
+    with Client(target, timeout=timeout) as client:
+        try:
+            results = client.similar(item_ids=item_id, k=k)
+        except grpc.RpcError as e:
+            console.print(f"[red]{e.code().name}[/]: {e.details()}")
+            raise typer.Exit(1) from None
+    for qid, neighbours in zip(item_id, results, strict=True):
+        if qid in titles:
+            console.print(f"[bold]{qid}[/]: {titles[qid]}")
+        console.print(neighbours_table(qid, neighbours, titles))
+
+
+@app.command()
+def info(target: TargetOpt = f"127.0.0.1:{DEFAULT_PORT}",
+         timeout: Annotated[float, typer.Option(help="Deadline, seconds.")] = 10.0) -> None:
+    """Show what a running server serves: model name, version and alias, index version, kind, size."""
+    with Client(target, timeout=timeout) as client:
+        try:
+            resp = client.info()
+        except grpc.RpcError as e:
+            console.print(f"[red]{e.code().name}[/]: {e.details()}")
+            raise typer.Exit(1) from None
+    table = Table(show_header=False)
+    for field in ("model_name", "model_version", "model_alias", "index_version", "index_kind", "item_count", "dim"):
+        table.add_row(field, str(getattr(resp, field)))
+    console.print(table)

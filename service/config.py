@@ -1,0 +1,54 @@
+"""Service settings: one frozen dataclass filled by the command line (flags or ONETOWER_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; anything above is RESOURCE_EXHAUSTED (counts, sizes) or INVALID_ARGUMENT (k)."""
+
+    max_items: int = 256  # items per EmbedItems / UpsertItems request
+    max_queries: int = 256  # queries per SimilarItems request
+    max_ids: int = 1000  # ids per GetEmbeddings / DeleteItems request, events per history
+    max_k: int = 1000
+    max_text_chars: int = 20_000  # title + description + attributes of one item
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images_per_item: int = 8
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"limit {name}={value!r} must be a positive int")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Where the model and index come from and how the server runs."""
+
+    model_uri: str = "models:/onetower-encoder@champion"  # or a local encoder directory
+    index_root: Path = Path("index")
+    tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    workers: int = 8  # gRPC handler threads
+    faiss_threads: int = 1  # one OpenMP thread per search: many searches run at once
+    torch_threads: int = 1
+    poll_seconds: float = 30.0  # how often the watcher looks for a new model/index pair; 0 disables
+    metrics_port: int | None = None
+    cache_dir: Path = Path(".onetower-cache")
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in [0, 65535]")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be >= 1")
+        if self.poll_seconds < 0:
+            raise ValueError(f"poll_seconds={self.poll_seconds} must be >= 0")

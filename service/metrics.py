@@ -1,0 +1,28 @@
+"""Prometheus metrics, all prefixed `onetower_`, on their own registry (so several servers can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    """The service's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("onetower_requests", "RPCs handled, by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("onetower_request_seconds", "RPC latency by method", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("onetower_batch_items", "items or queries per request", ["method"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.index_items = Gauge("onetower_index_items", "live items in the served index", registry=r)
+        self.model_version = Gauge("onetower_model_version", "served model version (1 for the served one)",
+                                   ["model", "version", "index_version"], registry=r)
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Expose /metrics on `port`."""
+        start_http_server(port, addr=addr, registry=self.registry)

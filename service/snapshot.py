@@ -1,0 +1,141 @@
+"""What the service serves — encoder, live index and their versions — swapped by one reference.
+
+`SnapshotHolder.current` is read once per request, so a request that started on a snapshot
+finishes on it even if a swap happens meanwhile. `refresh()` (called by the watcher) loads a new
+model/index pair only when both exist and match, warms it up, and then swaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embed.encoder import ItemEncoder
+from embed.items import Item
+from embed.load import load_encoder
+from index.config import IndexConfig
+from index.live import LiveIndex
+from index.log import LogRecord, WriteLog
+from index.publish import load_version, read_current
+from service.config import ServiceConfig
+from service.registry import ModelRef, download_model, lookup_model
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "live.log"
+
+
+class PairMismatchError(RuntimeError):
+    """The published index was built with another model version than the one the registry names."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An encoder and the index built with it, served together."""
+
+    model: ModelRef
+    encoder: ItemEncoder
+    index: LiveIndex
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+
+class SnapshotHolder:
+    """Holds the served `Snapshot`; loads and swaps new ones."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self._current: Snapshot | None = None
+        self._log: WriteLog | None = None
+        self._swap_lock = threading.Lock()
+        # Writers hold this while they write; a swap holds it while the new snapshot replays the log,
+        # so no acknowledged write can miss the snapshot that replaces the one it went to.
+        self.write_lock = threading.Lock()
+
+    @property
+    def current(self) -> Snapshot | None:
+        return self._current
+
+    def refresh(self) -> bool:
+        """Load the pair the registry and `CURRENT` name, if it differs from the served one.
+
+        Returns:
+            True when a new snapshot is now served.
+
+        Raises:
+            PairMismatchError: when the index was built with another model version.
+        """
+        with self._swap_lock:
+            ref = lookup_model(self.config.model_uri, self.config.tracking_uri)
+            root = self.config.index_root
+            version = read_current(root)
+            served = self._current
+            if served is not None and served.model.version == ref.version and \
+                    served.index.index_version == version:
+                return False
+            published = load_version(root, version)
+            if published.manifest.model_version != ref.version:
+                raise PairMismatchError(
+                    f"index {published.manifest.index_version} was built with model version "
+                    f"{published.manifest.model_version!r} but {self.config.model_uri} is version "
+                    f"{ref.version!r}: run `onetower reindex` for this model")
+            encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri))
+            encoder.max_pixels = self.config.limits.max_image_pixels
+            _warm_up(encoder)
+            if self._log is None:
+                self._log = WriteLog(root / LOG_FILE)
+            with self.write_lock:
+                index = LiveIndex(published, self._log, ref.version, IndexConfig(threads=self.config.faiss_threads),
+                                  embed_fn=lambda records: _embed_records(encoder, records))
+                self._current = Snapshot(model=ref, encoder=encoder, index=index)
+            logger.info("serving model %s version %s with index %s (%s, %d items)", ref.name, ref.version,
+                        index.index_version, index.kind, len(index))
+            return True
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+def _warm_up(encoder: ItemEncoder) -> None:
+    """Run one batch so the first request does not pay for lazy initialisation."""
+    encoder.encode([Item(item_id="warm-up", title="warm up")])
+
+
+def _embed_records(encoder: ItemEncoder, records: Sequence[LogRecord]) -> np.ndarray:
+    items = [Item.from_content(r.item_id, r.content) for r in records]
+    return encoder.encode(items)
+
+
+class Watcher:
+    """Background thread that calls `holder.refresh()` every `poll_seconds`; errors are logged, not raised."""
+
+    def __init__(self, holder: SnapshotHolder, poll_seconds: float) -> None:
+        self.holder = holder
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="onetower-watcher", daemon=True)
+
+    def start(self) -> None:
+        if self.poll_seconds > 0:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.holder.refresh()
+            except PairMismatchError as e:
+                logger.warning("not swapping: %s", e)
+            except Exception:  # noqa: BLE001 - a registry or disk outage must never stop serving
+                logger.exception("refresh failed; still serving the previous snapshot")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
