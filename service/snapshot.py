@@ -132,7 +132,7 @@ class Watcher:
                 self.holder.refresh()
             except PairMismatchError as e:
                 logger.warning("not swapping: %s", e)
-            except Exception:  # noqa: BLE001 - a registry or disk outage must never stop serving
+            except Exception:  # a registry or disk outage must never stop serving
                 logger.exception("refresh failed; still serving the previous snapshot")
 
     def stop(self) -> None:
