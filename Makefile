@@ -1,0 +1,46 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint protos bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "onetower needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: a CPU build; the project's torch range then pulls nothing more
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/onetower demo
+
+# import contracts, then the suite; pytest's exit code 5 (no tests collected) is a failure
+test: setup
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy embed index service training onetower
+
+# regenerate the committed gRPC stubs from the public proto
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+	  protos/onetower/v1/onetower.proto
+
+bench: setup
+	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s -p no:cacheprovider
+
+bench-quick: setup
+	ONETOWER_BENCH_QUICK=1 $(BIN)/python -m pytest tests/benchmarks -m benchmark -s -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) onetower-demo .pytest_cache .onetower-cache
