@@ -23,6 +23,7 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     embed_dim: int = 128  # length of the vector stored in FAISS
+    pool: str = "mean"  # "mean" over real tokens and patches (trains far faster from scratch) or "cls"
     moe_experts: int = 0  # 0: dense FFN; >0: modality-aware mixture of experts per modality
     moe_shared_experts: int = 1
     moe_top_k: int = 1
@@ -36,6 +37,8 @@ class EncoderConfig:
                      "depth", "heads", "embed_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.pool not in ("mean", "cls"):
+            raise ValueError(f"pool={self.pool!r} must be 'mean' or 'cls'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):

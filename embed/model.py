@@ -73,10 +73,17 @@ class UnifiedEncoder(nn.Module):
         self.patch_pos = nn.Parameter(torch.zeros(1, d, config.grid, config.grid))  # 2D grid
         self.image_index = nn.Embedding(config.max_images, d)
         self.type_embed = nn.Embedding(2, d)
+        # BERT/ViLT-style LayerNorm over the summed input embeddings: it puts the sequence at unit scale,
+        # so early optimiser steps on biases cannot drown the content and collapse every item to one vector.
+        self.embed_norm = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(
             Block(d, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.embed_dim)
+        # Centre and scale each output dimension over the batch before L2 normalisation (running
+        # statistics at inference, so it is a fixed affine map there). Without it, in-batch softmax
+        # from scratch collapses every item onto one direction within a few dozen steps.
+        self.out_norm = nn.BatchNorm1d(config.embed_dim, affine=False)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.text_pos, std=0.02)
         nn.init.trunc_normal_(self.patch_pos, std=0.02)
@@ -87,13 +94,13 @@ class UnifiedEncoder(nn.Module):
         text = self.token_embed(batch.token_ids) + self.text_pos[:, :t] + self.type_embed.weight[TEXT]
         m, n = batch.patches.shape[1], batch.patches.shape[2]
         if m == 0:
-            return text, batch.text_mask
+            return self.embed_norm(text), batch.text_mask
         patches = self.patch_proj(batch.patches)  # (B, M, N, D)
         patches = patches + self._patch_positions(n)[None, None] + self.type_embed.weight[IMAGE]
         patches = patches + self.image_index.weight[:m][None, :, None, :]
         patch_keep = batch.image_mask[:, :, None].expand(b, m, n).reshape(b, m * n)
         x = torch.cat([text, patches.reshape(b, m * n, -1)], dim=1)  # (B, S, D)
-        return x, torch.cat([batch.text_mask, patch_keep], dim=1)
+        return self.embed_norm(x), torch.cat([batch.text_mask, patch_keep], dim=1)
 
     def _patch_positions(self, n: int) -> torch.Tensor:
         """(N, D) 2D positions, interpolated when the grid differs from the trained one."""
@@ -110,10 +117,22 @@ class UnifiedEncoder(nn.Module):
             x = block(x, keep)
         return self.norm(x), keep
 
+    def pool(self, states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> (B, D): the [CLS] state, or the mean over real tokens and patches."""
+        if self.config.pool == "cls":
+            return states[:, 0]
+        w = keep.unsqueeze(-1).to(states.dtype)  # (B, S, 1)
+        return (states * w).sum(1) / w.sum(1).clamp_min(1.0)
+
     def forward(self, batch: EncoderInput) -> torch.Tensor:
-        """Unit item vectors (B, embed_dim) from the pooled [CLS] state."""
-        states, _ = self.hidden_states(batch)
-        return F.normalize(self.head(states[:, 0]).float(), dim=-1)
+        """Unit item vectors (B, embed_dim) from the pooled sequence."""
+        states, keep = self.hidden_states(batch)
+        h = self.head(self.pool(states, keep)).float()
+        if self.training and h.shape[0] == 1:
+            h = F.batch_norm(h, self.out_norm.running_mean, self.out_norm.running_var, training=False)
+        else:
+            h = self.out_norm(h)
+        return F.normalize(h, dim=-1)
 
 
 def _init_weights(module: nn.Module) -> None:
