@@ -35,6 +35,9 @@ class ItemEncoder:
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        if tokenizer.vocab_size > model.config.vocab_size:  # else an IndexError deep in the first forward
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
+                             f"vocab_size={model.config.vocab_size}; load them from the same encoder directory")
         self.config: EncoderConfig = model.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)

@@ -56,6 +56,10 @@ def decode_image(data: bytes, size: int, field: str = "images[0]", max_pixels: i
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit greyscale PNG: convert() would clip every value above 255 to white, so scale to 8 bits.
+        grey = np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -42,7 +42,7 @@ class Item:
         """sha256 over everything the encoder reads; equal hashes mean equal vectors under one model."""
         h = hashlib.sha256()
         h.update(json.dumps([self.title, self.description or "", sorted(self.attributes.items())],
-                            ensure_ascii=False).encode())
+                            ensure_ascii=False).encode("utf-8", "surrogatepass"))
         for img in self.images:
             h.update(len(img).to_bytes(8, "little"))
             h.update(hashlib.sha256(img).digest())

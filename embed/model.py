@@ -104,8 +104,8 @@ class UnifiedEncoder(nn.Module):
 
     def _patch_positions(self, n: int) -> torch.Tensor:
         """(N, D) 2D positions, interpolated when the grid differs from the trained one."""
-        pos = self.patch_pos
-        side = int(round(n ** 0.5))
+        pos: torch.Tensor = self.patch_pos
+        side = round(n ** 0.5)
         if side != pos.shape[-1]:
             pos = F.interpolate(pos, size=(side, side), mode="bicubic", align_corners=False)
         return pos.flatten(2).transpose(1, 2)[0]

@@ -34,7 +34,9 @@ class TextTokenizer:
             normalizers.NFKC(),
             normalizers.Replace(Regex(r"[\p{Cc}\p{Cf}]"), " "),  # control and format characters
             normalizers.Lowercase(),
+            normalizers.NFD(),  # StripAccents only drops combining marks, which NFKC had composed away
             normalizers.StripAccents(),
+            normalizers.NFC(),
         ])
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
@@ -65,7 +67,9 @@ class TextTokenizer:
 
     def encode_batch(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
         """Token ids per text (no special tokens), truncated to `max_tokens`."""
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        # Lone surrogates (e.g. from JSON "\ud800" escapes) are not valid Unicode; the tokenizer would raise.
+        clean = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+        encodings = self._tok.encode_batch(clean, add_special_tokens=False)
         return [e.ids[:max_tokens] for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:

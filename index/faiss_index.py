@@ -120,7 +120,11 @@ def _empty_index(faiss: ModuleType, kind: str, dim: int, count: int, config: Ind
     opq = f"OPQ{config.pq_m}," if config.use_opq else ""
     spec = f"{opq}IVF{nlist},PQ{config.pq_m}x{PQ_BITS}"
     index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
-    faiss.extract_index_ivf(index).nprobe = config.nprobe
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.nprobe = config.nprobe
+    # The factory turns on polysemous training (tens of seconds of annealing per build, whatever the
+    # count); it only serves Hamming pre-filtering, which searches here never use.
+    ivf.do_polysemous_training = False
     return index
 
 

@@ -27,6 +27,10 @@ from index.publish import PublishedIndex
 logger = logging.getLogger(__name__)
 
 MAX_K = 1000
+# An attribute filter keeping at most this many main rows is searched exactly: an HNSW graph walk or a few
+# IVF lists meet too few of them to fill k. Wider filters use the index, and rows it leaves short go exact.
+EXACT_FILTER_MAX = 4096
+EXACT_CHUNK = 16384  # main rows scored per matrix product in an exact filtered search
 EmbedFn = Callable[[Sequence[LogRecord]], np.ndarray]
 
 
@@ -44,6 +48,8 @@ class _State:
     fresh_vectors: np.ndarray  # float32 (capacity, dim); rows < fresh_count are written
     fresh_count: int
     fresh_alive: np.ndarray  # bool (fresh_count,)
+    # item id -> its newest fresh row, copied per state so a reader never meets a row its state lacks
+    fresh_row: Mapping[str, int]
 
 
 class LiveIndex:
@@ -66,8 +72,7 @@ class LiveIndex:
         self._lock = threading.Lock()
         self._fresh_ids: list[str] = []
         self._fresh_attrs: list[dict[str, str]] = []
-        self._fresh_row: dict[str, int] = {}
-        self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool))
+        self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool), {})
         if log is not None and len(log):
             self._replay(log.records, embed_fn)
 
@@ -90,8 +95,8 @@ class LiveIndex:
     def vector(self, item_id: str) -> np.ndarray | None:
         """The stored vector of a live item, or None."""
         s = self._state
-        row = self._fresh_row.get(item_id)
-        if row is not None and row < s.fresh_count and s.fresh_alive[row]:
+        row = s.fresh_row.get(item_id)
+        if row is not None and s.fresh_alive[row]:
             return np.array(s.fresh_vectors[row])
         label = self.main.ids.label(item_id)
         if label is None or _holds(s.dead, label):
@@ -140,6 +145,8 @@ class LiveIndex:
             keep = np.setdiff1d(ids.labels_with(attributes_equal), dead, assume_unique=True)
             if len(keep) == 0:
                 return [[] for _ in range(len(q))]
+            if self.kind != "flat" and len(keep) <= EXACT_FILTER_MAX:
+                return self._hits(*self._exact_among(q, keep, fetch))
             selector = faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep))
         elif len(dead):
             keep = dead
@@ -148,9 +155,31 @@ class LiveIndex:
             selector = None
         limit = min(fetch, self.main.index.ntotal)
         scores, labels = search_index(self.main.index, q, limit, selector, params, self.config, self.main.vectors)
+        if attributes_equal and self.kind != "flat":
+            short = np.flatnonzero((labels >= 0).sum(axis=1) < min(fetch, len(keep)))
+            if len(short):  # the approximate walk met too few matching rows: score the filter exactly
+                scores, labels = scores.copy(), labels.copy()
+                scores[short], labels[short] = self._exact_among(q[short], keep, limit)
         del keep
+        return self._hits(scores, labels)
+
+    def _hits(self, scores: np.ndarray, labels: np.ndarray) -> list[list[Hit]]:
+        ids = self.main.ids
         return [[Hit(ids.item_ids[lab], float(sc)) for sc, lab in zip(row_s, row_l, strict=True) if lab >= 0]
                 for row_s, row_l in zip(scores, labels, strict=True)]
+
+    def _exact_among(self, q: np.ndarray, labels: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact best `fetch` of the main rows `labels` per query: scores (Q, fetch), labels (-1 padded)."""
+        best_s = np.full((len(q), fetch), -np.inf, np.float32)
+        best_l = np.full((len(q), fetch), -1, np.int64)
+        for start in range(0, len(labels), EXACT_CHUNK):
+            chunk = labels[start: start + EXACT_CHUNK]
+            cand_s = np.concatenate([best_s, q @ np.asarray(self.main.vectors[chunk], np.float32).T], axis=1)
+            cand_l = np.concatenate([best_l, np.broadcast_to(chunk, (len(q), len(chunk)))], axis=1)
+            top = np.argsort(-cand_s, axis=1, kind="stable")[:, :fetch]
+            best_s, best_l = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_l, top, 1)
+        best_l[~np.isfinite(best_s)] = -1
+        return best_s, best_l
 
     def _search_fresh(self, s: _State, q: np.ndarray, fetch: int, exclude: set[str],
                       attributes_equal: Mapping[str, str] | None) -> list[list[Hit]]:
@@ -183,11 +212,11 @@ class LiveIndex:
 
     def delete(self, item_ids: Sequence[str]) -> int:
         """Durably delete items; returns how many were live."""
-        live = [i for i in dict.fromkeys(item_ids) if i in self]
-        if not live:
-            return 0
-        records = [LogRecord(op="delete", item_id=i, model_version=self.model_version) for i in live]
-        with self._lock:
+        with self._lock:  # decided under the writers' lock, so a concurrent upsert cannot hide a live item
+            live = [i for i in dict.fromkeys(item_ids) if i in self]
+            if not live:
+                return 0
+            records = [LogRecord(op="delete", item_id=i, model_version=self.model_version) for i in live]
             if self.log is not None:
                 self.log.append(records)
             self._apply(records)
@@ -214,14 +243,14 @@ class LiveIndex:
         """Apply records to a new state and publish it with one assignment (caller holds the lock)."""
         s = self._state
         dead = set(s.dead.tolist())
-        vectors, count = s.fresh_vectors, s.fresh_count
+        vectors, count, rows = s.fresh_vectors, s.fresh_count, dict(s.fresh_row)
         alive = np.concatenate([s.fresh_alive, np.zeros(sum(r.op == "upsert" for r in records), bool)])
         for r in records:
-            old = self._fresh_row.get(r.item_id)
+            old = rows.get(r.item_id)
             if old is not None:
                 alive[old] = False
                 if r.op != "upsert":
-                    del self._fresh_row[r.item_id]
+                    del rows[r.item_id]
             label = self.main.ids.label(r.item_id)
             if label is not None:
                 dead.add(label)
@@ -232,10 +261,10 @@ class LiveIndex:
             vectors[count] = r.vector
             self._fresh_ids.append(r.item_id)
             self._fresh_attrs.append({str(k): str(v) for k, v in dict(r.content.get("attributes", {})).items()})
-            self._fresh_row[r.item_id] = count
+            rows[r.item_id] = count
             alive[count] = True
             count += 1
-        self._state = _State(np.asarray(sorted(dead), np.int64), vectors, count, alive[:count])
+        self._state = _State(np.asarray(sorted(dead), np.int64), vectors, count, alive[:count], rows)
 
 
 def _holds(sorted_labels: np.ndarray, label: int) -> bool:

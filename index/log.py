@@ -60,6 +60,31 @@ class LogRecord:
                    content=content, content_hash=body.get("content_hash", ""))
 
 
+def _intact(data: bytes, pos: int) -> bool:
+    """Whether a whole frame with a matching checksum starts at `pos` (empty payloads never do)."""
+    if pos + _HEADER.size > len(data):
+        return False
+    length, crc = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    return 0 < length <= MAX_RECORD_BYTES and end <= len(data) and zlib.crc32(data[pos + _HEADER.size: end]) == crc
+
+
+def _next_intact(data: bytes, start: int, chunk: int = 1 << 20) -> int | None:
+    """The first byte offset at or after `start` where an intact frame begins, or None."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    last = len(data) - _HEADER.size  # exclusive: a frame needs its header and a non-empty payload
+    for lo in range(start, last, chunk):
+        hi = min(lo + chunk, last)
+        b = buf[lo: hi + 3].astype(np.int64)
+        n = hi - lo
+        lengths = b[:n] | b[1: n + 1] << 8 | b[2: n + 2] << 16 | b[3: n + 3] << 24  # u32 LE at each offset
+        room = np.minimum(last - np.arange(lo, hi), MAX_RECORD_BYTES)
+        for off in np.flatnonzero((lengths > 0) & (lengths <= room)):  # only these can hold a whole frame
+            if _intact(data, lo + int(off)):
+                return lo + int(off)
+    return None
+
+
 def _frame(record: LogRecord) -> bytes:
     payload = record.to_bytes()
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
@@ -89,16 +114,18 @@ class WriteLog:
         while pos < len(data):
             if pos + _HEADER.size > len(data):
                 break  # torn header at the tail
-            length, crc = _HEADER.unpack_from(data, pos)
+            length, _ = _HEADER.unpack_from(data, pos)
             end = pos + _HEADER.size + length
             payload = data[pos + _HEADER.size: end]
-            intact = length <= MAX_RECORD_BYTES and end <= len(data) and zlib.crc32(payload) == crc
-            if not intact:
-                if length <= MAX_RECORD_BYTES and end >= len(data):
-                    break  # the last frame was being written when the process died
+            if not _intact(data, pos):
+                # A damaged frame with no intact frame after it is the tail the process died writing
+                # (a partial frame, or garbage/zeros the filesystem left); anything else lost acknowledged writes.
+                following = _next_intact(data, pos + 1)
+                if following is None:
+                    break
                 raise CorruptLogError(
                     f"{self.path}: frame {len(records)} at byte {pos} is damaged (checksum mismatch) and "
-                    f"{len(data) - end} bytes follow it; refusing to drop acknowledged writes")
+                    f"intact frames follow it from byte {following}; refusing to drop acknowledged writes")
             try:
                 records.append(LogRecord.from_bytes(payload))
             except (ValueError, KeyError) as e:

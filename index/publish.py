@@ -35,6 +35,7 @@ INDEX_FILE, IDS_FILE, VECTORS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet"
 DATA_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE)
 CURRENT = "CURRENT"
 VERSIONS = "versions"
+MANIFEST_CHECKSUM = "manifest_sha256"  # over the other fields, so an edited model version or count is caught
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,25 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256 hex
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        body = dataclasses.asdict(self)
+        return json.dumps({**body, MANIFEST_CHECKSUM: _checksum(body)}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """Parse a manifest; refuses one whose own checksum (when it carries one) does not match."""
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(known - set(data))
         if missing:
             raise ValueError(f"manifest lacks {missing}")
+        body = {k: v for k, v in data.items() if k != MANIFEST_CHECKSUM}
+        if MANIFEST_CHECKSUM in data and data[MANIFEST_CHECKSUM] != _checksum(body):
+            raise ValueError(f"its {MANIFEST_CHECKSUM} does not match its content (altered)")
         return cls(**{k: data[k] for k in known})
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -100,7 +110,9 @@ def _fsync_dir(path: Path) -> None:
 
 def new_version_name(model_version: str) -> str:
     """A sortable, unique version name: UTC time, model version, a short random suffix."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    now = time.time()
+    # Microseconds: names are ordered by creation even for versions published within one second.
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 1_000_000:06d}Z"
     safe = "".join(c if c.isalnum() else "-" for c in model_version)[:32]
     return f"{stamp}-m{safe}-{os.urandom(3).hex()}"
 

@@ -85,7 +85,8 @@ def serve_until_signal(running: RunningServer) -> None:
         running.stop()
 
 
-def _titles(catalog: Path | None) -> dict[str, str]:
+def load_titles(catalog: Path | None) -> dict[str, str]:
+    """item_id -> title from a catalog parquet (empty when no catalog is given)."""
     if catalog is None or not catalog.exists():
         return {}
     frame = pl.read_parquet(catalog, columns=["item_id", "title"])
@@ -118,7 +119,7 @@ def query(
 
         onetower query item-000042 -k 5 --target 127.0.0.1:50051 --catalog data/catalog.parquet
     """
-    titles = _titles(catalog)
+    titles = load_titles(catalog)
     with Client(target, timeout=timeout) as client:
         try:
             results = client.similar(item_ids=item_id, k=k)

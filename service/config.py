@@ -40,6 +40,9 @@ class ServiceConfig:
     workers: int = 8  # gRPC handler threads
     faiss_threads: int = 1  # one OpenMP thread per search: many searches run at once
     torch_threads: int = 1
+    max_batch: int = 64  # items per encoder forward pass, pooled across concurrent requests
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_queue: int = 256  # requests waiting for the encoder before RESOURCE_EXHAUSTED
     poll_seconds: float = 30.0  # how often the watcher looks for a new model/index pair; 0 disables
     metrics_port: int | None = None
     cache_dir: Path = Path(".onetower-cache")

@@ -13,6 +13,7 @@ import grpc
 
 from embed.errors import InvalidItemError
 from index.errors import IndexLayerError
+from service.batching import DeadlineExpiredError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ def to_service_error(exc: BaseException, prefix: str = "items") -> ServiceError:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.reason == "image_too_large" else \
             grpc.StatusCode.INVALID_ARGUMENT
         return ServiceError(code, exc.reason, f"{exc.path(prefix)} {exc.detail}")
+    if isinstance(exc, QueueFullError):
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full", f"{exc}; retry with backoff")
+    if isinstance(exc, DeadlineExpiredError):
+        return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded", str(exc))
     if isinstance(exc, OSError):
         return ServiceError(grpc.StatusCode.UNAVAILABLE, "storage_error",
                             f"the live-write log could not be written ({exc}); nothing was acknowledged, retry")

@@ -19,6 +19,7 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("onetower_batch_items", "items or queries per request", ["method"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.queue_depth = Gauge("onetower_encode_queue_depth", "requests waiting for the encoder", registry=r)
         self.index_items = Gauge("onetower_index_items", "live items in the served index", registry=r)
         self.model_version = Gauge("onetower_model_version", "served model version (1 for the served one)",
                                    ["model", "version", "index_version"], registry=r)

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.onetower.v1 import onetower_pb2 as pb
 from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
+from service.batching import MicroBatcher
 from service.config import ServiceConfig
 from service.metrics import Metrics
 from service.servicer import RecommendationsServicer
@@ -32,6 +33,7 @@ class RunningServer:
     health: health.HealthServicer
     watcher: Watcher
     metrics: Metrics
+    batcher: MicroBatcher
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -43,6 +45,7 @@ class RunningServer:
         self.set_serving(False)
         self.watcher.stop()
         self.server.stop(grace).wait()
+        self.batcher.close()
         self.holder.close()
         logger.info("server on port %d stopped", self.port)
 
@@ -67,14 +70,18 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
                          options=options)
     holder = SnapshotHolder(config)
     metrics = Metrics()
-    pb_grpc.add_RecommendationsServicer_to_server(RecommendationsServicer(holder, limits, metrics), server)
+    batcher = MicroBatcher(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
+                           max_queue=config.max_queue)
+    servicer = RecommendationsServicer(holder, limits, metrics, batcher)
+    pb_grpc.add_RecommendationsServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"cannot bind {config.host}:{config.port} (in use?)")
-    running = RunningServer(server, port, holder, health_servicer, Watcher(holder, config.poll_seconds), metrics)
+    running = RunningServer(server, port, holder, health_servicer, Watcher(holder, config.poll_seconds), metrics,
+                            batcher)
     running.set_serving(False)
     server.start()
     logger.info("listening on %s:%d", config.host, port)
@@ -86,6 +93,7 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
             holder.refresh()
         except BaseException:
             server.stop(0).wait()
+            batcher.close()
             holder.close()
             raise
         snap = holder.current

@@ -15,6 +15,7 @@ from index.live import Hit
 from index.log import LogRecord
 from protos.onetower.v1 import onetower_pb2 as pb
 from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
+from service.batching import MicroBatcher
 from service.config import Limits
 from service.errors import ServiceError, exhausted, guarded, invalid, not_found, to_service_error, unavailable
 from service.metrics import Metrics
@@ -23,16 +24,24 @@ from service.validate import check_ids, parse_items, parse_vector
 
 logger = logging.getLogger(__name__)
 
+MAX_WAIT_S = 3600.0  # a deadline further away than this is treated as none
 HALF_LIFE_MS = 7 * 24 * 3600 * 1000  # RecommendForUser: an event a week older counts half
 
 
 class RecommendationsServicer(pb_grpc.RecommendationsServicer):
     """Answers the public contract from the holder's current snapshot."""
 
-    def __init__(self, holder: SnapshotHolder, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, holder: SnapshotHolder, limits: Limits, metrics: Metrics, batcher: MicroBatcher) -> None:
         self.holder = holder
         self.limits = limits
         self.metrics = metrics
+        self.batcher = batcher
+
+    def _encode(self, snap: Snapshot, items: Sequence[Item], context: grpc.ServicerContext) -> np.ndarray:
+        self.metrics.queue_depth.set(self.batcher.depth())
+        remaining = context.time_remaining()  # huge when the caller set no deadline
+        timeout = remaining if remaining is not None and remaining < MAX_WAIT_S else None
+        return self.batcher.encode(snap.encoder, items, timeout=timeout)
 
     def _snapshot(self) -> Snapshot:
         snap = self.holder.current
@@ -44,7 +53,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
     def EmbedItems(self, request: pb.EmbedItemsRequest, context: grpc.ServicerContext) -> pb.EmbedItemsResponse:
         items = parse_items(request.items, self.limits, need_id=False)
         snap = self._snapshot()
-        vectors = snap.encoder.encode(items)
+        vectors = self._encode(snap, items, context)
         return pb.EmbedItemsResponse(
             embeddings=[_embedding(it.item_id, v, it.modalities) for it, v in zip(items, vectors, strict=True)],
             model_version=snap.model_version)
@@ -57,7 +66,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
             raise invalid("k_out_of_range", f"neighbors_k={k} must be in [0, {self.limits.max_k}]")
         with self.holder.write_lock:
             snap = self._snapshot()
-            vectors = snap.encoder.encode(items)
+            vectors = self._encode(snap, items, context)
             records = [LogRecord(op="upsert", item_id=it.item_id, model_version=snap.model_version, vector=v,
                                  content=it.to_content(), content_hash=it.content_hash())
                        for it, v in zip(items, vectors, strict=True)]
@@ -88,7 +97,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
             raise exhausted("too_many_queries", f"queries has {n} entries, limit {self.limits.max_queries}")
         k = self._check_k(request.k)
         snap = self._snapshot()
-        vectors, self_ids = self._query_vectors(request, snap)
+        vectors, self_ids = self._query_vectors(request, snap, context)
         hits = snap.index.search(vectors, k, exclude=list(request.exclude_item_ids),
                                  attributes_equal=dict(request.filter.attributes_equal) or None,
                                  min_score=request.min_score if request.min_score != 0 else None,
@@ -97,8 +106,8 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         return pb.SimilarItemsResponse(results=[_neighbors(h) for h in hits], model_version=snap.model_version,
                                        index_version=snap.index.index_version)
 
-    def _query_vectors(self, request: pb.SimilarItemsRequest,
-                       snap: Snapshot) -> tuple[np.ndarray, list[str | None]]:
+    def _query_vectors(self, request: pb.SimilarItemsRequest, snap: Snapshot,
+                       context: grpc.ServicerContext) -> tuple[np.ndarray, list[str | None]]:
         """One unit vector per query, and the query item's id where the query names one."""
         dim = snap.index.dim
         out = np.zeros((len(request.queries), dim), np.float32)
@@ -126,7 +135,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
                 raise invalid("query_empty", f"queries[{i}] sets none of item_id, vector, item")
         if content:
             try:
-                vecs = snap.encoder.encode([it for _, it in content])
+                vecs = self._encode(snap, [it for _, it in content], context)
             except InvalidItemError as e:
                 where = content[e.item_index or 0][0]
                 located = InvalidItemError(e.reason, f"item.{e.field}".rstrip("."), e.detail, where)

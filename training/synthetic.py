@@ -91,7 +91,7 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "events_per_user", tuple(self.events_per_user))
-        lo, hi = (self.events_per_user + (0, 0))[:2]
+        lo, hi = ((*self.events_per_user, 0, 0))[:2]
         checks = [
             (self.n_items >= 10, f"n_items={self.n_items} must be >= 10"),
             (self.n_users >= 1, f"n_users={self.n_users} must be >= 1"),

@@ -1,0 +1,152 @@
+"""The unified encoder (`embed.model`), its config presets and batch collation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from embed.batch import collate
+from embed.config import PRESETS, EncoderConfig, preset
+from embed.images import patchify, to_tensor
+from embed.model import EncoderInput, UnifiedEncoder
+
+
+def _pixels(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    # (torch.testing.assert_close costs a second of lazy imports on its first call)
+    assert a.shape == b.shape
+    return float((a - b).abs().max())
+
+
+def _encode(model: UnifiedEncoder, tokens: list[list[int]], images: list[list[np.ndarray]]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(collate(tokens, images, model.config))
+
+
+def test_tiny_preset_shapes_the_model(tiny_config: EncoderConfig, model: UnifiedEncoder) -> None:
+    assert tiny_config == PRESETS["tiny"]
+    assert (tiny_config.depth, tiny_config.width, tiny_config.embed_dim) == (2, 64, 64)
+    assert len(model.blocks) == tiny_config.depth
+    assert model.token_embed.weight.shape == (tiny_config.vocab_size, tiny_config.width)
+    assert model.patch_proj.in_features == tiny_config.patch_dim == 3 * 8 * 8
+    assert model.patch_pos.shape == (1, tiny_config.width, tiny_config.grid, tiny_config.grid)
+    assert model.head.out_features == tiny_config.embed_dim
+    deeper = UnifiedEncoder(preset("tiny", depth=3, width=32, heads=2))
+    assert len(deeper.blocks) == 3 and deeper.norm.normalized_shape == (32,)
+
+
+def test_preset_and_config_validation() -> None:
+    assert preset("tiny", embed_dim=32).embed_dim == 32
+    with pytest.raises(ValueError, match="unknown encoder size 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        EncoderConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        EncoderConfig(width=30, heads=4)
+    with pytest.raises(ValueError, match="depth=0"):
+        EncoderConfig(depth=0)
+    with pytest.raises(ValueError, match="unknown encoder config keys"):
+        EncoderConfig.from_dict({"widht": 3})
+    cfg = preset("small")
+    assert EncoderConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_output_is_unit_norm_with_shape_batch_by_embed_dim(model: UnifiedEncoder) -> None:
+    size = model.config.image_size
+    out = _encode(model, [[10, 11, 12], [], [13]], [[], [_pixels(0, size)], [_pixels(1, size), _pixels(2, size)]])
+    assert out.shape == (3, model.config.embed_dim)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_text_only_image_only_and_both_are_finite_and_distinct(model: UnifiedEncoder) -> None:
+    pixels = _pixels(3, model.config.image_size)
+    text, image, both = _encode(model, [[20, 21, 22], [], [20, 21, 22]], [[], [pixels], [pixels]])
+    for v in (text, image, both):
+        assert torch.isfinite(v).all()
+        assert abs(float(v.norm()) - 1) < 1e-5
+    assert not torch.allclose(text, image, atol=1e-3)
+    assert not torch.allclose(both, text, atol=1e-3)
+    assert not torch.allclose(both, image, atol=1e-3)
+
+
+def test_vectors_depend_on_content(model: UnifiedEncoder) -> None:
+    size = model.config.image_size
+    a, b, c, d = _encode(model, [[20, 21], [21, 20], [], []], [[], [], [_pixels(4, size)], [_pixels(5, size)]])
+    assert not torch.allclose(a, b, atol=1e-4)  # word order matters (positions)
+    assert not torch.allclose(c, d, atol=1e-4)
+
+
+def test_padding_does_not_change_an_items_vector(model: UnifiedEncoder) -> None:
+    size = model.config.image_size
+    short_text, long_text = [30, 31], list(range(40, 40 + model.config.max_text_tokens))
+    one_image, two_images = [_pixels(6, size)], [_pixels(7, size), _pixels(8, size)]
+    alone = _encode(model, [short_text, short_text, []], [[], one_image, one_image])
+    batched = _encode(model, [short_text, long_text, short_text, [], long_text],
+                      [[], two_images, one_image, one_image, []])
+    assert _max_diff(batched[0], alone[0]) <= 1e-5
+    assert _max_diff(batched[2], alone[1]) <= 1e-5
+    assert _max_diff(batched[3], alone[2]) <= 1e-5
+
+
+def test_only_max_images_are_read(model: UnifiedEncoder) -> None:
+    size, m = model.config.image_size, model.config.max_images
+    images = [_pixels(i, size) for i in range(m + 2)]
+    batch = collate([[]], [images], model.config)
+    assert batch.patches.shape[1] == m
+    assert _max_diff(_encode(model, [[]], [images]), _encode(model, [[]], [images[:m]])) <= 1e-6
+
+
+def test_collate_layout(tiny_config: EncoderConfig) -> None:
+    size = tiny_config.image_size
+    batch = collate([[7, 8, 9], []], [[], [_pixels(0, size)]], tiny_config)
+    assert batch.token_ids.tolist() == [[2, 7, 8, 9, 3], [2, 0, 0, 0, 0]]  # [CLS] ... [SEP], [PAD] = 0
+    assert batch.text_mask.tolist() == [[True] * 5, [True] + [False] * 4]
+    assert batch.patches.shape == (2, 1, tiny_config.grid ** 2, tiny_config.patch_dim)
+    assert batch.image_mask.tolist() == [[False], [True]]
+    assert torch.equal(batch.patches[1, 0], patchify(to_tensor(_pixels(0, size)[None]), tiny_config.patch_size)[0])
+    assert len(batch) == 2
+    with pytest.raises(ValueError, match="2 token lists but 1 image lists"):
+        collate([[1], [2]], [[]], tiny_config)
+
+
+def test_other_image_sizes_use_interpolated_positions(model: UnifiedEncoder) -> None:
+    cfg = model.config
+    assert torch.equal(model._patch_positions(cfg.grid ** 2), model.patch_pos.flatten(2).transpose(1, 2)[0])
+    for side in (cfg.image_size // 2, cfg.image_size * 2 - cfg.patch_size * 2, cfg.image_size * 2):
+        grid = side // cfg.patch_size
+        positions = model._patch_positions(grid * grid)
+        assert positions.shape == (grid * grid, cfg.width)
+        pixels = torch.stack([to_tensor(_pixels(s, side)) for s in (9, 10)])  # (2, 3, side, side)
+        tiles = patchify(pixels, cfg.patch_size)[:, None]  # (2, 1, N, 3*P*P)
+        batch = EncoderInput(token_ids=torch.tensor([[2], [2]]), text_mask=torch.ones(2, 1, dtype=torch.bool),
+                             patches=tiles, image_mask=torch.ones(2, 1, dtype=torch.bool))
+        with torch.inference_mode():
+            out = model(batch)
+        assert out.shape == (2, cfg.embed_dim)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+        assert not torch.allclose(out[0], out[1], atol=1e-4)
+
+
+def test_eval_is_deterministic_even_with_dropout(tiny_config: EncoderConfig) -> None:
+    torch.manual_seed(1)
+    model = UnifiedEncoder(dataclasses.replace(tiny_config, dropout=0.5)).eval()
+    first, second = _encode(model, [[5, 6, 7]], [[]]), _encode(model, [[5, 6, 7]], [[]])
+    assert torch.equal(first, second)
+
+
+def test_gradients_reach_both_modalities(model: UnifiedEncoder) -> None:
+    model.train()
+    batch = collate([[20, 21]], [[_pixels(0, model.config.image_size)]], model.config)
+    model(batch).sum().backward()
+    assert model.token_embed.weight.grad is not None and model.token_embed.weight.grad[20].abs().sum() > 0
+    assert model.patch_proj.weight.grad is not None and model.patch_proj.weight.grad.abs().sum() > 0
+    assert model.token_embed.weight.grad[0].abs().sum() == 0  # [PAD] never used
