@@ -32,6 +32,8 @@ TrackingOpt = Annotated[str | None, typer.Option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI, e.g. sqlite:///mlflow.db.")]
 PortOpt = Annotated[int, typer.Option("--port", envvar="ONETOWER_PORT", help="gRPC port (0 picks a free one).")]
 TargetOpt = Annotated[str, typer.Option("--target", envvar="ONETOWER_TARGET", help="host:port of a running server.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="ONETOWER_AUTH_TOKEN",
+                                              help="Bearer token, when the server requires one.")]
 
 
 @app.command()
@@ -49,6 +51,11 @@ def serve(
         envvar="ONETOWER_METRICS_PORT", help="Serve Prometheus /metrics on this HTTP port.")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Where registry model files are downloaded.")]
     = Path(".onetower-cache"),
+    auth_token: Annotated[str | None, typer.Option(
+        envvar="ONETOWER_AUTH_TOKEN", help="Require `authorization: Bearer TOKEN` on every RPC but health.")]
+    = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS only.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
 ) -> None:
     """Serve the gRPC API for the model the registry alias names and the index published for it.
 
@@ -62,7 +69,7 @@ def serve(
     """
     config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
                            workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
     running = start_server(config)
     console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
     serve_until_signal(running)
@@ -112,6 +119,7 @@ def query(
     target: TargetOpt = f"127.0.0.1:{DEFAULT_PORT}",
     catalog: Annotated[Path | None, typer.Option(help="Catalog parquet, to show titles beside ids.")] = None,
     timeout: Annotated[float, typer.Option(help="Deadline per call, seconds.")] = 10.0,
+    token: TokenOpt = None,
 ) -> None:
     """Ask a running server for the items most similar to ITEM_ID (never the item itself).
 
@@ -120,7 +128,7 @@ def query(
         onetower query item-000042 -k 5 --target 127.0.0.1:50051 --catalog data/catalog.parquet
     """
     titles = load_titles(catalog)
-    with Client(target, timeout=timeout) as client:
+    with Client(target, timeout=timeout, token=token) as client:
         try:
             results = client.similar(item_ids=item_id, k=k)
         except grpc.RpcError as e:
@@ -134,9 +142,9 @@ def query(
 
 @app.command()
 def info(target: TargetOpt = f"127.0.0.1:{DEFAULT_PORT}",
-         timeout: Annotated[float, typer.Option(help="Deadline, seconds.")] = 10.0) -> None:
+         timeout: Annotated[float, typer.Option(help="Deadline, seconds.")] = 10.0, token: TokenOpt = None) -> None:
     """Show what a running server serves: model name, version and alias, index version, kind, size."""
-    with Client(target, timeout=timeout) as client:
+    with Client(target, timeout=timeout, token=token) as client:
         try:
             resp = client.info()
         except grpc.RpcError as e:

@@ -24,8 +24,12 @@ class Neighbor:
 class Client:
     """Blocking client; every call takes a deadline (`timeout`, seconds)."""
 
-    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT, token: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT, token: str | None = None,
+                 root_cert: bytes | None = None) -> None:
+        if root_cert is not None:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_cert))
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.RecommendationsStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -46,7 +50,8 @@ class Client:
 
     def health_status(self, service: str = "") -> str:
         """"SERVING", "NOT_SERVING", ... as the health service reports it."""
-        resp = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        resp = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout,
+                                 metadata=self.metadata)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def info(self) -> pb.GetInfoResponse:

@@ -46,6 +46,9 @@ class ServiceConfig:
     poll_seconds: float = 30.0  # how often the watcher looks for a new model/index pair; 0 disables
     metrics_port: int | None = None
     cache_dir: Path = Path(".onetower-cache")
+    auth_token: str | None = None  # set: every RPC but health and reflection needs `authorization: Bearer <token>`
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS only
+    tls_key: Path | None = None
     limits: Limits = Limits()
 
     def __post_init__(self) -> None:
@@ -53,5 +56,7 @@ class ServiceConfig:
             raise ValueError(f"port={self.port} must be in [0, 65535]")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
         if self.poll_seconds < 0:
             raise ValueError(f"poll_seconds={self.poll_seconds} must be >= 0")

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.onetower.v1 import onetower_pb2 as pb
 from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
+from service.auth import TokenAuthInterceptor, server_credentials
 from service.batching import MicroBatcher
 from service.config import ServiceConfig
 from service.metrics import Metrics
@@ -66,8 +67,9 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]
+    interceptors = [TokenAuthInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="onetower-rpc"),
-                         options=options)
+                         options=options, interceptors=interceptors)
     holder = SnapshotHolder(config)
     metrics = Metrics()
     batcher = MicroBatcher(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
@@ -77,7 +79,11 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert is not None and config.tls_key is not None:
+        port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind {config.host}:{config.port} (in use?)")
     running = RunningServer(server, port, holder, health_servicer, Watcher(holder, config.poll_seconds), metrics,
