@@ -231,3 +231,28 @@ def prune_versions(root: Path, keep: int) -> list[str]:
     for v in old:
         shutil.rmtree(root / VERSIONS / v)
     return old
+
+
+def read_manifest(root: Path, version: str) -> Manifest:
+    """A version's manifest, read without checking the files (cheap; `load_version` verifies)."""
+    path = root / VERSIONS / version / MANIFEST_FILE
+    try:
+        return Manifest.from_json(path.read_text())
+    except FileNotFoundError:
+        raise IndexVerificationError(f"{path} is missing") from None
+    except (ValueError, TypeError) as e:
+        raise IndexVerificationError(f"{path} is not a valid manifest: {e}") from None
+
+
+def find_version_for_model(root: Path, model_version: str) -> str | None:
+    """The index version to serve with `model_version`: `CURRENT` if it was built with that model,
+    else the newest published version that was (so a rollback finds the index it kept), else None."""
+    current = read_current(root)
+    candidates = ([current] if current else []) + list(reversed(list_versions(root)))
+    for version in candidates:
+        try:
+            if read_manifest(root, version).model_version == model_version:
+                return version
+        except IndexVerificationError:
+            logger.warning("skipping index version %s: unreadable manifest", version)
+    return None

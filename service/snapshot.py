@@ -20,7 +20,7 @@ from embed.load import load_encoder
 from index.config import IndexConfig
 from index.live import LiveIndex
 from index.log import LogRecord, WriteLog
-from index.publish import load_version, read_current
+from index.publish import find_version_for_model, load_version
 from service.config import ServiceConfig
 from service.registry import ModelRef, download_model, lookup_model
 
@@ -74,17 +74,16 @@ class SnapshotHolder:
         with self._swap_lock:
             ref = lookup_model(self.config.model_uri, self.config.tracking_uri)
             root = self.config.index_root
-            version = read_current(root)
+            version = find_version_for_model(root, ref.version)
+            if version is None:
+                raise PairMismatchError(
+                    f"no published index under {root} was built with {ref.name} version {ref.version!r} "
+                    f"({self.config.model_uri}): run `onetower reindex` for this model")
             served = self._current
             if served is not None and served.model.version == ref.version and \
                     served.index.index_version == version:
                 return False
             published = load_version(root, version)
-            if published.manifest.model_version != ref.version:
-                raise PairMismatchError(
-                    f"index {published.manifest.index_version} was built with model version "
-                    f"{published.manifest.model_version!r} but {self.config.model_uri} is version "
-                    f"{ref.version!r}: run `onetower reindex` for this model")
             encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri))
             encoder.max_pixels = self.config.limits.max_image_pixels
             _warm_up(encoder)

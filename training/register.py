@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from embed import load as embed_load
 
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "onetower-encoder"
 DEFAULT_ALIAS = "champion"
+HISTORY_TAG = "onetower.alias_history.{alias}"  # registered-model tag: JSON list of earlier holders
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 EMBED_PACKAGE = Path(embed_load.__file__).parent
 PYFUNC_REQUIREMENTS = ["torch>=2.4", "numpy", "safetensors", "tokenizers", "pillow", "polars", "pyarrow"]
@@ -56,11 +58,40 @@ def register_encoder(encoder_dir: Path, run_id: str, metrics: dict[str, float], 
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in metrics.items():
-        client.set_model_version_tag(model_name, version, f"metric.{key}", f"{value:.6g}")
+        client.set_model_version_tag(model_name, version, metric_tag(key), f"{value:.6g}")
     if alias:
-        client.set_registered_model_alias(model_name, alias, version)
+        move_alias(client, model_name, alias, version)
     logger.info("registered %s version %s%s", model_name, version, f" as @{alias}" if alias else "")
     return version
+
+
+def metric_tag(metric: str) -> str:
+    """The model-version tag holding `metric` (MLflow tag keys cannot hold '@')."""
+    return "metric." + metric.replace("@", "_at_")
+
+
+def alias_history(client: MlflowClient, name: str, alias: str) -> list[str]:
+    """Earlier holders of `alias`, oldest first (recorded by `move_alias`)."""
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG.format(alias=alias), "[]")
+    return [str(v) for v in json.loads(raw)]
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> str | None:
+    """Point `alias` at `version`, remembering the previous holder for `onetower rollback`."""
+    previous = alias_version(client, name, alias)
+    client.set_registered_model_alias(name, alias, version)
+    if previous is not None and previous != version:
+        history = [*alias_history(client, name, alias), previous][-20:]
+        client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    return previous
 
 
 @dataclass(frozen=True)
