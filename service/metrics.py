@@ -25,5 +25,12 @@ class Metrics:
                                    ["model", "version", "index_version"], registry=r)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Expose /metrics on `port`."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Expose /metrics on `port` until `stop_http()`."""
+        self._http = start_http_server(port, addr=addr, registry=self.registry)
+
+    def stop_http(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http[0].shutdown()
+            http[0].server_close()
+            self._http = None

@@ -48,6 +48,7 @@ class RunningServer:
         self.server.stop(grace).wait()
         self.batcher.close()
         self.holder.close()
+        self.metrics.stop_http()
         logger.info("server on port %d stopped", self.port)
 
     def wait(self) -> None:
