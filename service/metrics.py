@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -26,7 +28,7 @@ class Metrics:
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose /metrics on `port` until `stop_http()`."""
-        self._http = start_http_server(port, addr=addr, registry=self.registry)
+        self._http: tuple[Any, Any] | None = start_http_server(port, addr=addr, registry=self.registry)
 
     def stop_http(self) -> None:
         http = getattr(self, "_http", None)
