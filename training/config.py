@@ -8,6 +8,8 @@ from typing import Any
 
 from embed.config import EncoderConfig, preset
 
+MODALITIES = ("both", "text", "image")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -24,6 +26,7 @@ class TrainConfig:
     logq_correction: bool = True  # subtract log popularity of in-batch negatives (Yi et al. 2019)
     window: int = 4  # items within this many events of each other in a user's history are positives
     seed: int = 0
+    modalities: str = "both"  # "text" or "image" drops the other modality from every item (unimodal baselines)
     num_workers: int = 0
     accelerator: str = "auto"
     devices: int = 1
@@ -41,6 +44,8 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 2 for in-batch negatives")
         if not 0 < self.temperature <= 1:
             raise ValueError(f"temperature={self.temperature} must be in (0, 1]")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"modalities={self.modalities!r} must be one of {list(MODALITIES)}")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
         self.encoder_config()  # validates the size name and overrides early

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
+from embed.items import Item
 from embed.load import save_encoder
 from embed.tokens import TextTokenizer
-from training.config import TrainConfig
+from training.config import MODALITIES, TrainConfig
 from training.data import iter_items, read_catalog, read_interactions
 from training.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
 from training.stages import RecommendationStage
@@ -42,7 +44,9 @@ def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
     pl.seed_everything(config.seed, workers=True)
     enc_config = config.encoder_config()
     started = time.perf_counter()
-    items = list(iter_items(read_catalog(catalog), catalog.parent))
+    frame = read_catalog(catalog)
+    items = restrict_modalities(iter_items(frame, catalog.parent, with_images=config.modalities != "text"),
+                                config.modalities)
     tokenizer = TextTokenizer.train((it.text for it in items), enc_config.vocab_size)
     enc_config = dataclasses.replace(enc_config, vocab_size=tokenizer.vocab_size)
     features = ItemFeatures(items, tokenizer, enc_config)
@@ -70,6 +74,23 @@ def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
     mlf.log_metrics(metrics, step=trainer.global_step)
     logger.info("trained %d steps in %.1fs, final loss %.4f", trainer.global_step, elapsed, loss)
     return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics)
+
+
+def restrict_modalities(items: Iterable[Item], modalities: str) -> list[Item]:
+    """Items with only the kept modality: "both" (all items, unchanged), "text" or "image".
+
+    Dropping text clears title, description and attributes (attributes are text to the encoder);
+    with one modality dropped, items left with nothing are dropped too.
+    """
+    if modalities not in MODALITIES:
+        raise ValueError(f"modalities={modalities!r} must be one of {list(MODALITIES)}")
+    if modalities == "text":
+        kept = (dataclasses.replace(it, images=()) for it in items)
+    elif modalities == "image":
+        kept = (dataclasses.replace(it, title="", description="", attributes={}) for it in items)
+    else:
+        return list(items)
+    return [it for it in kept if it.has_text or it.images]
 
 
 def _trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger, progress_bar: bool) -> pl.Trainer:

@@ -1,0 +1,203 @@
+"""Cold-start evaluation: exact metrics on hand-made cases, oracle/random/popularity bounds, the whole run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from training.config import TrainConfig
+from training.evaluate import (
+    evaluate_embeddings,
+    preference_groups,
+    run_evaluation,
+    split_holdout_items,
+    user_metrics,
+)
+from training.synthetic import SynthConfig, generate
+from training.train import restrict_modalities
+
+T0 = datetime(2024, 1, 1)
+
+
+def events(rows: list[tuple[str, str]], days_ago: list[float] | None = None) -> pl.DataFrame:
+    """An interactions frame; `days_ago` per row (default: all at T0)."""
+    ages = days_ago or [0.0] * len(rows)
+    return pl.DataFrame({"user_id": [u for u, _ in rows], "item_id": [i for _, i in rows],
+                         "ts": [T0 - timedelta(days=a) for a in ages], "weight": [1.0] * len(rows)})
+
+
+def ranked(similarities: list[float]) -> np.ndarray:
+    """2D unit vectors whose inner product with [1, 0] is each similarity."""
+    s = np.asarray(similarities)
+    return np.stack([s, np.sqrt(1 - s**2)], axis=1).astype(np.float32)
+
+
+# i0 is u1's history; by similarity to it the rest rank i1, i3, i2, i4; i3 and i4 are never trained on
+IDS = ["i0", "i1", "i2", "i3", "i4"]
+VECTORS = ranked([1.0, 0.8, 0.4, 0.6, 0.2])
+TRAIN = events([("u1", "i0"), ("u2", "i1"), ("u2", "i2")])
+
+
+def test_recall_and_ndcg_match_hand_computed_values() -> None:
+    holdout = events([("u1", "i3")])  # rank 2 once i0 (the history) is excluded
+    m = evaluate_embeddings(VECTORS, IDS, TRAIN, holdout, ks=(1, 2, 4), n_bootstrap=20)
+    assert m["n_users"] == 1 and m["n_cold_items"] == 1
+    assert (m["recall@1"], m["recall@2"], m["recall@4"]) == (0.0, 1.0, 1.0)
+    assert m["ndcg@2"] == pytest.approx(1 / math.log2(3))
+    assert m["recall@2_ci"] == [1.0, 1.0]
+    two = evaluate_embeddings(VECTORS, IDS, TRAIN, events([("u1", "i3"), ("u1", "i4")]), ks=(2, 4))
+    assert (two["recall@2"], two["recall@4"]) == (0.5, 1.0)  # i4 ranks last, 4th
+    ideal = 1 + 1 / math.log2(3)
+    assert two["ndcg@2"] == pytest.approx((1 / math.log2(3)) / ideal)
+    assert two["ndcg@4"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / ideal)
+
+
+def test_history_is_excluded_and_only_cold_items_are_targets() -> None:
+    # u1 "re-engages" i0 (its own history) and i1 (trained on by u2): neither is cold, neither is a target
+    holdout = events([("u1", "i0"), ("u1", "i1"), ("u1", "i4")])
+    per_user = user_metrics(VECTORS, IDS, TRAIN, holdout, ks=(1, 4))
+    assert per_user.n_cold_items == 1
+    assert per_user.values["recall@4"].tolist() == [1.0]  # i4 is 4th: i0 excluded, else it would be 5th
+    assert per_user.values["recall@1"].tolist() == [0.0]
+    # u3 has cold holdout events but no training history: not a test user; nor is u2 (no cold targets)
+    holdout = events([("u3", "i3"), ("u2", "i1")])
+    assert user_metrics(VECTORS, IDS, TRAIN, holdout).user_ids == []
+
+
+def test_items_with_zero_vectors_are_never_retrieved() -> None:
+    vectors = VECTORS.copy()
+    vectors[3] = 0.0  # the model cannot represent i3
+    per_user = user_metrics(vectors, IDS, TRAIN, events([("u1", "i3")]), ks=(4,))
+    assert per_user.values["recall@4"].tolist() == [0.0] and per_user.n_retrievable == 4
+
+
+def test_recent_history_weighs_more() -> None:
+    # i0 points at target i3's direction, i1 the opposite way; whichever is recent decides
+    ids = ["i0", "i1", "i3", "i4"]
+    vectors = np.asarray([[1, 0], [0, 1], [1, 0.01], [0.01, 1]], dtype=np.float32)
+    holdout = events([("u1", "i3")])
+    recent_i0 = events([("u1", "i0"), ("u1", "i1")], days_ago=[0, 30])
+    recent_i1 = events([("u1", "i0"), ("u1", "i1")], days_ago=[30, 0])
+    assert user_metrics(vectors, ids, recent_i0, holdout, ks=(1,)).values["recall@1"].tolist() == [1.0]
+    assert user_metrics(vectors, ids, recent_i1, holdout, ks=(1,)).values["recall@1"].tolist() == [0.0]
+
+
+def _clustered(n_users: int, n_clusters: int, per_cluster: int, seed: int = 0
+               ) -> tuple[list[str], np.ndarray, pl.DataFrame, pl.DataFrame]:
+    """Users each like one cluster: 3 history items and 1 cold item from it; item vectors = cluster one-hots."""
+    rng = np.random.default_rng(seed)
+    ids = [f"c{c}-{j}" for c in range(n_clusters) for j in range(per_cluster)]
+    vectors = np.repeat(np.eye(n_clusters, dtype=np.float32), per_cluster, axis=0)
+    cold = {c: f"c{c}-{per_cluster - 1}" for c in range(n_clusters)}  # each cluster's last item is cold
+    train, holdout = [], []
+    for u in range(n_users):
+        c = int(rng.integers(n_clusters))
+        train += [(f"u{u}", f"c{c}-{j}") for j in rng.choice(per_cluster - 1, 3, replace=False)]
+        holdout.append((f"u{u}", cold[c]))
+    return ids, vectors, events(train), events(holdout)
+
+
+def test_an_oracle_finds_every_cold_item_and_random_gets_about_k_over_n() -> None:
+    ids, oracle, train, holdout = _clustered(n_users=300, n_clusters=100, per_cluster=6)
+    # a cluster has 6 items, 3 in the history: the 3 left, the cold one among them, fill the top 3
+    m = evaluate_embeddings(oracle, ids, train, holdout, ks=(3, 50), n_bootstrap=50)
+    assert m["recall@3"] == 1.0 and m["recall@50"] == 1.0
+    noise = np.random.default_rng(1).standard_normal(oracle.shape).astype(np.float32)
+    r = evaluate_embeddings(noise, ids, train, holdout, ks=(50,), n_bootstrap=100)
+    expected = 50 / (len(ids) - 3)  # one target among the 597 candidates
+    assert abs(r["recall@50"] - expected) < 0.05
+    assert r["recall@50_ci"][0] <= r["recall@50"] <= r["recall@50_ci"][1]
+
+
+def test_popularity_never_recommends_a_cold_item() -> None:
+    ids, _, train, holdout = _clustered(n_users=100, n_clusters=20, per_cluster=6)
+    counts = dict(train.group_by("item_id").len().iter_rows())
+    popularity = np.asarray([[counts.get(i, 0)] for i in ids], dtype=np.float32)
+    m = evaluate_embeddings(popularity, ids, train, holdout, ks=(10, 50), n_bootstrap=20)
+    assert m["n_users"] == 100 and m["recall@50"] == 0.0 and m["ndcg@10"] == 0.0
+
+
+def test_groups_split_users_by_the_image_side_trait_of_their_conjunctions() -> None:
+    prefs = pl.DataFrame({"user_id": ["a", "a", "b", "c", "c"],
+                          "trait_a": ["colour", "shape", "category", "pattern", "category"]})
+    assert preference_groups(prefs) == {"a": "image_trait", "b": "shared_trait", "c": "mixed"}
+    ids, oracle, train, holdout = _clustered(n_users=20, n_clusters=5, per_cluster=6)
+    groups = {f"u{u}": "even" if u % 2 == 0 else "odd" for u in range(20)}
+    m = evaluate_embeddings(oracle, ids, train, holdout, ks=(3,), n_bootstrap=10, user_groups=groups)
+    assert m["groups"]["even"]["n_users"] == 10 and m["groups"]["odd"]["recall@3"] == 1.0
+
+
+def test_holding_out_items_moves_all_their_events() -> None:
+    frame = events([(f"u{u}", f"i{(u * 7 + j) % 10}") for u in range(20) for j in range(3)])
+    train, holdout = split_holdout_items(frame, 0.2, seed=3)
+    cold = set(holdout["item_id"])
+    assert len(cold) == 2 and not cold & set(train["item_id"])
+    assert train.height + holdout.height == frame.height
+    with pytest.raises(ValueError, match="fraction"):
+        split_holdout_items(frame, 1.0)
+
+
+def test_restricting_modalities_drops_one_side(tmp_path: Path) -> None:
+    from embed.items import Item
+
+    items = [Item("a", title="red shirt", attributes={"category": "shirt"}, images=(b"png",)),
+             Item("b", title="text only"), Item("c", images=(b"png",))]
+    assert [it.item_id for it in restrict_modalities(items, "text")] == ["a", "b"]
+    image = restrict_modalities(items, "image")
+    assert [it.item_id for it in image] == ["a", "c"] and not image[0].has_text
+    assert restrict_modalities(items, "both") == items
+
+
+@pytest.fixture
+def _tracking(tmp_path: Path) -> Iterator[None]:
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+@pytest.mark.usefixtures("_tracking")
+def test_run_evaluation_writes_metrics_report_and_plots(tmp_path: Path) -> None:
+    generate(tmp_path / "data", SynthConfig(n_items=200, n_users=80, image_size=32, seed=2))
+    config = TrainConfig(encoder="tiny", max_steps=4, batch_size=16, warmup_steps=1, accelerator="cpu")
+    out = tmp_path / "eval"
+    result = run_evaluation(tmp_path / "data", out, config, ks=(10, 20), n_bootstrap=20)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["preset"] == "tiny" and metrics["seeds"] == [0] and metrics["ks"] == [10, 20]
+    assert list(metrics["models"]) == ["native", "text_only", "image_only", "popularity", "random"]
+    for row in metrics["models"].values():
+        for name in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+            lo, hi = row[f"{name}_ci"]
+            assert 0 <= lo <= row[name] <= hi <= 1
+        assert set(row["groups"]) <= {"image_trait", "shared_trait", "mixed"}
+    assert metrics["models"]["popularity"]["recall@20"] == 0.0
+    assert metrics["n_users"] > 0 and metrics["n_cold_items"] == 20
+    assert "| native |" in (out / "report.md").read_text()
+    for png in ("recall_at_k.png", "embeddings_pca.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["models"]["native"]["recall@20"] == metrics["models"]["native"]["recall@20"]
+
+
+def test_user_data_without_holdout_is_split_by_items(tmp_path: Path) -> None:
+    ds = generate(tmp_path / "synth", SynthConfig(n_items=150, n_users=60, write_images=False))
+    user = tmp_path / "user"
+    user.mkdir()
+    pl.read_parquet(ds.catalog).write_parquet(user / "catalog.parquet")
+    pl.read_parquet(ds.interactions).write_parquet(user / "interactions.parquet")
+    config = TrainConfig(encoder="tiny")
+    with pytest.raises(ValueError, match="holdout_items"):
+        run_evaluation(user, tmp_path / "eval", config, models=("random",))
+    metrics = run_evaluation(user, tmp_path / "eval", config, models=("popularity", "random"), seeds=(0, 1),
+                             ks=(10,), n_bootstrap=10, holdout_items=0.2)
+    assert (tmp_path / "eval" / "split" / "interactions_holdout.parquet").is_file()
+    assert metrics["seeds"] == [0, 1] and "seed_std" in metrics["models"]["random"]
+    assert metrics["models"]["popularity"]["recall@10"] == 0.0 and "groups" not in metrics["models"]["random"]
+    assert (tmp_path / "eval" / "recall_at_k.png").is_file() and not (tmp_path / "eval" / "embeddings_pca.png").exists()
