@@ -17,6 +17,7 @@ from service.client import Client
 from service.config import DEFAULT_PORT, ServiceConfig
 from service.server import start_server
 from training import cli as training_cli
+from training import lifecycle_cli
 
 console = Console()
 
@@ -26,6 +27,7 @@ app = typer.Typer(
          "a FAISS index, a gRPC service.\n\nStart with [bold]onetower demo[/]: synthetic catalog -> train -> "
          "register in MLflow -> reindex -> serve -> query, all inside ./onetower-demo.")
 app.registered_commands.extend(training_cli.app.registered_commands)
+app.registered_commands.extend(lifecycle_cli.app.registered_commands)
 app.registered_commands.extend(service_cli.app.registered_commands)
 
 

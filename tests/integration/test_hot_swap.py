@@ -55,8 +55,8 @@ def test_swap_follows_alias_without_dropping_requests(swap_server: RunningServer
         t.start()
     try:
         # a new version whose index does not exist yet is not served
-        with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("onetower-tests").experiment_id) as run:
-            new_version = register_encoder(trained.encoder_dir, run.info.run_id, {"train_loss": 1.0})
+        run = registry.create_run(mlflow.get_experiment_by_name("onetower-tests").experiment_id)
+        new_version = register_encoder(trained.encoder_dir, run.info.run_id, {"train_loss": 1.0})
         with pytest.raises(PairMismatchError):
             swap_server.holder.refresh()
         with Client(target) as c:

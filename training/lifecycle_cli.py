@@ -1,0 +1,137 @@
+"""`onetower evaluate`, `promote` and `rollback`: the model lifecycle commands of ML teams."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from mlflow import MlflowClient
+from rich.console import Console
+from rich.table import Table
+
+from training.cli import load_train_config, use_tracking
+from training.evaluate import DEFAULT_KS, MODELS, EvalData, run_evaluation
+from training.promote import DEFAULT_METRIC, PromotionError, promote, rollback
+from training.register import DEFAULT_ALIAS, MODEL_NAME, metric_tag
+from training.synthetic import SynthConfig, generate
+
+console = Console()
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+PRESETS = {"small": SynthConfig(n_items=1000, n_users=600, seed=0), "medium": SynthConfig(n_items=5000, n_users=3000)}
+TrackingOpt = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI",
+                                                 help="MLflow URI (default: sqlite:///mlflow.db here).")]
+IndexRootOpt = Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT", help="Published index folder.")]
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, report.md and the plots.")] = Path("eval"),
+    preset: Annotated[str | None, typer.Option(help="Synthetic preset: small or medium (generated under OUT).")]
+    = None,
+    data: Annotated[Path | None, typer.Option(help="A dataset folder in the `onetower synth` layout.")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="Your catalog parquet (with --interactions).")] = None,
+    interactions: Annotated[Path | None, typer.Option(help="Your interactions parquet.")] = None,
+    holdout_items: Annotated[float | None, typer.Option(
+        help="Hold out this fraction of items (all their events) as cold-start targets.")] = None,
+    config: Annotated[str, typer.Option(help="Training YAML or bundled name (demo, tiny, gpu).")] = "tiny",
+    max_steps: Annotated[int | None, typer.Option(help="Training steps for every trained model.")] = None,
+    models: Annotated[str, typer.Option(help=f"Comma-separated, among {','.join(MODELS)}.")] = ",".join(MODELS),
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds; metrics average over them.")] = "0",
+    register_version: Annotated[str | None, typer.Option(
+        help="Tag this registered version with the native model's metrics (used by promote).")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Cold-start evaluation: native vs text-only, image-only, popularity and random, same data and steps.
+
+    Examples:
+
+        onetower evaluate --preset small --out eval-small
+
+        onetower evaluate --catalog my/catalog.parquet --interactions my/events.parquet --holdout-items 0.1
+
+    Writes OUT/metrics.json, OUT/report.md and PNG plots (recall@K with 95% bootstrap intervals,
+    a 2D projection of item embeddings).
+    """
+    use_tracking(tracking_uri, Path.cwd())
+    train_config = load_train_config(config)
+    if max_steps is not None:
+        train_config = dataclasses.replace(train_config, max_steps=max_steps)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"{preset!r}: choose one of {sorted(PRESETS)}", param_hint="--preset")
+        data = out / "data"
+        if not (data / "meta.json").exists():
+            generate(data, PRESETS[preset])
+    source: Path | EvalData
+    if data is not None:
+        source = data
+    elif catalog is not None and interactions is not None:
+        source = EvalData(catalog, interactions)
+        if holdout_items is None:
+            raise typer.BadParameter("your own data needs --holdout-items FRACTION", param_hint="--holdout-items")
+    else:
+        raise typer.BadParameter("give --preset, --data, or --catalog with --interactions")
+    result = run_evaluation(source, out, train_config, models=[m for m in models.split(",") if m],
+                            seeds=[int(s) for s in seeds.split(",")], ks=DEFAULT_KS, holdout_items=holdout_items,
+                            preset=preset, progress_bar=True)
+    table = Table(title=f"cold-start evaluation ({result.get('n_users', '?')} users)")
+    for col in ("model", "recall@20", "95% CI", "ndcg@20"):
+        table.add_column(col)
+    for name, m in result["models"].items():
+        lo, hi = m.get("recall@20_ci", [float("nan")] * 2)
+        table.add_row(name, f"{m['recall@20']:.4f}", f"[{lo:.4f}, {hi:.4f}]", f"{m['ndcg@20']:.4f}")
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}")
+    if register_version is not None and "native" in result["models"]:
+        client = MlflowClient()
+        for key in ("recall@20", "ndcg@20", "recall@50"):
+            if key in result["models"]["native"]:
+                client.set_model_version_tag(MODEL_NAME, register_version, metric_tag(key),
+                                             f"{result['models']['native'][key]:.6g}")
+        client.set_model_version_tag(MODEL_NAME, register_version, "onetower.evaluation",
+                                     json.dumps({"out": str(out.resolve()), "preset": preset}))
+        console.print(f"tagged {MODEL_NAME} version {register_version} with its metrics")
+
+
+@app.command("promote")
+def promote_command(
+    version: Annotated[str, typer.Argument(help="Registered version of onetower-encoder to serve.")],
+    index_root: IndexRootOpt = Path("index"),
+    alias: Annotated[str, typer.Option(help="The alias the service follows.")] = DEFAULT_ALIAS,
+    metric: Annotated[str, typer.Option(help="Recorded metric that must not get worse.")] = DEFAULT_METRIC,
+    force: Annotated[bool, typer.Option(help="Promote even if the metric is worse or missing.")] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Move the serving alias to VERSION once its index is published and it evaluates at least as well.
+
+    Example:  onetower promote 7 --index-root ./index
+
+    Services following the alias swap model and index together within their poll interval.
+    """
+    use_tracking(tracking_uri, Path.cwd())
+    try:
+        move = promote(version, index_root, alias=alias, metric=metric, force=force)
+    except PromotionError as e:
+        console.print(f"[red]not promoted[/]: {e}")
+        raise typer.Exit(1) from None
+    console.print(f"@{move.alias}: version {move.previous} -> {move.current} (index {move.index_version})")
+
+
+@app.command("rollback")
+def rollback_command(
+    index_root: IndexRootOpt = Path("index"),
+    alias: Annotated[str, typer.Option(help="The alias the service follows.")] = DEFAULT_ALIAS,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Move the serving alias back to the version that held it before (its index is kept on disk)."""
+    use_tracking(tracking_uri, Path.cwd())
+    try:
+        move = rollback(index_root, alias=alias)
+    except PromotionError as e:
+        console.print(f"[red]not rolled back[/]: {e}")
+        raise typer.Exit(1) from None
+    console.print(f"@{move.alias}: version {move.previous} -> {move.current} (index {move.index_version})")
