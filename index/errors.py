@@ -25,3 +25,7 @@ class UnknownItemError(IndexLayerError, KeyError):
 
 class ReembedError(IndexLayerError, ValueError):
     """Log records were written under another model version and cannot be re-embedded."""
+
+
+class LogRewrittenError(IndexLayerError):
+    """The write log was truncated by another process after this one read it."""

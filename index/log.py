@@ -8,23 +8,26 @@ before the end stops the load with `CorruptLogError`, since skipping it would lo
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index.errors import CorruptLogError
+from index.errors import CorruptLogError, LogRewrittenError
 
 logger = logging.getLogger(__name__)
 
+LOG_FILE = "live.log"  # the log's name under an index root
 _HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 
@@ -91,23 +94,67 @@ def _frame(record: LogRecord) -> bytes:
 
 
 class WriteLog:
-    """An append-only file of `LogRecord`s. Thread-safe; `append` returns only after fsync."""
+    """An append-only file of `LogRecord`s. Thread-safe; `append` returns only after fsync.
+
+    Several processes may hold one path open (a server appending, a reindex job folding and
+    truncating): `append`, `truncate` and opening take an advisory lock (`flock`) on the file,
+    and a `WriteLog` that finds the file replaced by another process's `truncate`, or grown by
+    another's appends, rereads it first. `records` is this object's view as of its last
+    open, append or truncate; records another process wrote since show up only after one of those.
+    The lock is advisory and POSIX-only: every writer must go through `WriteLog`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._records, good_end = self._scan()
+        self._records: list[LogRecord] = []
+        self._end = 0  # bytes of intact frames this object has read or written
         self._file = path.open("ab")
-        if self._file.tell() != good_end:
-            logger.warning("%s: dropping a torn tail of %d bytes", path, self._file.tell() - good_end)
+        try:
+            with self._file_lock():
+                pass  # taking the lock reads the file
+        except BaseException:
+            self._file.close()
+            raise
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Hold `flock` on the file that `path` names now, reread first if another process changed it."""
+        while True:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            if not self._replaced():
+                break
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)  # a truncate renamed a new file over ours
+            self._file.close()
+            self._file = self.path.open("ab")
+            self._end = -1
+        try:
+            if os.fstat(self._file.fileno()).st_size != self._end:
+                self._reload()
+            yield
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+
+    def _replaced(self) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        own = os.fstat(self._file.fileno())
+        return (named.st_ino, named.st_dev) != (own.st_ino, own.st_dev)
+
+    def _reload(self) -> None:
+        """Read every record and drop a torn tail (caller holds the file lock, so no append is under way)."""
+        self._records, good_end = self._scan()
+        size = os.fstat(self._file.fileno()).st_size
+        if size != good_end:
+            logger.warning("%s: dropping a torn tail of %d bytes", self.path, size - good_end)
             self._file.truncate(good_end)
-            self._file.seek(good_end)
             os.fsync(self._file.fileno())
+        self._end = good_end
 
     def _scan(self) -> tuple[list[LogRecord], int]:
-        if not self.path.exists():
-            return [], 0
         data = self.path.read_bytes()
         records: list[LogRecord] = []
         pos = 0
@@ -135,7 +182,7 @@ class WriteLog:
 
     @property
     def records(self) -> list[LogRecord]:
-        """Every record read at open plus those appended since, in order."""
+        """Every record read at open (or at the last reread) plus those appended since, in order."""
         with self._lock:
             return list(self._records)
 
@@ -146,32 +193,62 @@ class WriteLog:
         """Write and fsync `records`; raises OSError (e.g. ENOSPC, EIO) without acknowledging them."""
         batch = list(records)
         data = b"".join(_frame(r) for r in batch)
-        with self._lock:
-            start = self._file.tell()
+        with self._lock, self._file_lock():
             try:
                 self._file.write(data)
                 self._file.flush()
                 os.fsync(self._file.fileno())
             except OSError:
-                self._file.truncate(start)  # best effort: do not leave half a batch behind
-                self._file.seek(start)
+                self._file.truncate(self._end)  # best effort: do not leave half a batch behind
                 raise
             self._records.extend(batch)
+            self._end += len(data)
 
     def truncate(self, keep_from: int = 0) -> None:
-        """Drop records before index `keep_from` (after they were folded into a published index)."""
+        """Drop records before index `keep_from` (after they were folded into a published index).
+
+        Records appended after this object read the log, by it or by another process, are kept:
+        the file is reread under the lock and only its first `keep_from` records are dropped.
+
+        Raises:
+            LogRewrittenError: another process truncated the log since this object read it, so
+                its first `keep_from` records are no longer the ones this object saw.
+        """
+        if keep_from < 0:
+            raise ValueError(f"keep_from={keep_from} must be >= 0")
         with self._lock:
-            kept = self._records[keep_from:]
-            tmp = self.path.with_suffix(".tmp")
-            with tmp.open("wb") as f:
-                f.write(b"".join(_frame(r) for r in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            self._file.close()
-            os.replace(tmp, self.path)
+            seen = self._records
+            with self._file_lock():
+                if self._records is not seen and not _same_prefix(seen, self._records, keep_from):
+                    raise LogRewrittenError(f"{self.path}: rewritten by another process since it was read; "
+                                            f"refusing to drop its first {keep_from} records")
+                kept = self._records[keep_from:]
+                data = b"".join(_frame(r) for r in kept)
+                tmp = self.path.with_suffix(".tmp")
+                with tmp.open("wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                _fsync_dir(self.path.parent)
+            self._file.close()  # after unlocking: the replaced file's lock goes with it
             self._file = self.path.open("ab")
-            self._records = kept
+            self._records, self._end = kept, len(data)
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def _same_prefix(a: list[LogRecord], b: list[LogRecord], n: int) -> bool:
+    """Whether the first `n` records of `a` (or all it has) start `b` too."""
+    m = min(n, len(a))
+    return len(b) >= m and all(x.to_bytes() == y.to_bytes() for x, y in zip(a[:m], b[:m], strict=True))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

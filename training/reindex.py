@@ -1,11 +1,19 @@
-"""The batch reindex job: catalog parquet -> embeddings -> FAISS index -> verified, published directory."""
+"""The batch reindex job: catalog parquet -> embeddings -> FAISS index -> verified, published directory.
+
+One streaming pass over the catalog; each item's content hash decides where its vector comes from:
+the CURRENT index (`incremental`, same model version, unchanged content), a shard that an
+interrupted run of this job left in its work folder, or the encoder. New vectors are written as
+shards as they complete, so a rerun after a crash embeds only what is left. The live-write log is
+then folded in (the newest write per item wins over the catalog), the index is built, verified and
+published, the folded records are dropped from the log, and old versions are pruned.
+"""
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,91 +22,293 @@ import numpy as np
 from embed.encoder import ItemEncoder
 from embed.errors import InvalidItemError
 from embed.items import Item
+from index.compact import IndexRows, fold_log
 from index.config import IndexConfig
-from index.ids import IdMap
-from index.publish import publish_index
+from index.errors import IndexVerificationError, LogRewrittenError
+from index.log import LOG_FILE, LogRecord, WriteLog
+from index.publish import PublishedIndex, load_version, prune_versions, publish_index, read_current
+from index.shards import ShardStore
 from training.data import iter_items, read_catalog
 
 logger = logging.getLogger(__name__)
 
+Progress = Callable[[int], None]
+WORK_DIR = ".reindex"  # under the index root: one folder of shards per model version
+DEFAULT_SHARD_SIZE = 1024  # items per shard: the most a crash can cost, and one file pair per this many
+DEFAULT_KEEP_VERSIONS = 3
+CHECKS_PER_SOURCE = 4  # reused vectors re-embedded to confirm this encoder made them
+MIN_CHECK_COSINE = 0.99  # batch padding moves a vector by ~1e-6; other weights move it far more
+
 
 @dataclass(frozen=True)
 class ReindexResult:
-    """What a reindex published."""
+    """What a reindex published, and where its vectors came from."""
 
     index_version: str
     path: Path
-    count: int
-    embedded: int
-    skipped: int
+    count: int  # items in the published index
+    embedded: int  # vectors the encoder made in this call (catalog items and re-embedded log upserts)
+    skipped: int  # items the encoder refused (no content, undecodable image)
     seconds: float
+    reused: int = 0  # vectors taken from the CURRENT index (incremental, content unchanged)
+    resumed: int = 0  # vectors taken from the shards of an interrupted run
+    dropped: int = 0  # items of the CURRENT index no longer in the catalog (incremental)
+    folded: int = 0  # live-log records folded in, then dropped from the log
+    pruned: tuple[str, ...] = ()  # index versions removed
 
 
-def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
-    while batch := list(itertools.islice(items, size)):
-        yield batch
-
-
-@dataclass(frozen=True)
-class EmbeddedItem:
-    """What the index keeps of an embedded item."""
-
-    item_id: str
-    content_hash: str
-    attributes: dict[str, str]
-
-
-def embed_catalog(encoder: ItemEncoder, items: Iterator[Item],
-                  progress: Callable[[int], None] | None = None) -> tuple[list[EmbeddedItem], np.ndarray, int]:
-    """Embed every item; items the encoder refuses are logged and skipped.
+def embed_items(encoder: ItemEncoder, items: Sequence[Item]) -> tuple[np.ndarray, list[str]]:
+    """Embed one batch; items the encoder refuses are logged and left out.
 
     Returns:
-        The embedded items, their vectors (same order), and how many were skipped.
+        Vectors of the accepted items in order (float32 (accepted, dim)), and per item the
+        reason it was refused ("" when it was embedded).
     """
-    kept: list[EmbeddedItem] = []
-    chunks: list[np.ndarray] = []
-    skipped = 0
-    for batch in _batches(items, encoder.batch_size):
-        good = _encodable(encoder, batch)
-        skipped += len(batch) - len(good)
-        if good:
-            chunks.append(encoder.encode(good))
-            kept += [EmbeddedItem(it.item_id, it.content_hash(), dict(it.attributes)) for it in good]
-        if progress is not None:
-            progress(len(batch))
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float32)
-    return kept, vectors, skipped
-
-
-def _encodable(encoder: ItemEncoder, batch: Sequence[Item]) -> list[Item]:
-    """The items of `batch` the encoder accepts (checked one by one only when the batch fails)."""
     try:
-        encoder.prepare(batch)
-        return list(batch)
+        features = encoder.featurize(items)
+        errors = [""] * len(items)
     except InvalidItemError:
-        pass
-    good = []
-    for item in batch:
-        try:
-            encoder.prepare([item])
-            good.append(item)
-        except InvalidItemError as e:
-            logger.warning("skipping item %s: %s", item.item_id, e)
-    return good
+        features, errors = [], []
+        for item in items:
+            try:
+                features += encoder.featurize([item])
+                errors.append("")
+            except InvalidItemError as e:
+                reason = f"{e.reason}: {e.field} {e.detail}"
+                logger.warning("skipping item %s: %s", item.item_id, reason)
+                errors.append(reason)
+    if not features:
+        return np.zeros((0, encoder.dim), dtype=np.float32), errors
+    return encoder.encode_features(features), errors
+
+
+class _CatalogPass:
+    """One streaming pass over the catalog: reuse vectors already made, embed the rest shard by shard."""
+
+    def __init__(self, encoder: ItemEncoder, rows: IndexRows, previous: PublishedIndex | None, store: ShardStore,
+                 shard_size: int, progress: Progress | None) -> None:
+        self.encoder, self.rows, self.previous, self.store = encoder, rows, previous, store
+        self.shard_size, self.progress = shard_size, progress
+        self.counts = {"embedded": 0, "skipped": 0, "reused": 0, "resumed": 0}
+        self.checks: dict[str, list[Item]] = {"reused": [], "resumed": []}
+        self._pending: list[tuple[Item, str]] = []
+        self._unreported = 0
+        self._previous_source = rows.add_source(previous.vectors) if previous is not None else -1
+        self._known: dict[tuple[str, str], tuple[int, int] | None] = {}  # (id, hash) -> (source, row); None: refused
+        for shard in store.shards():
+            source, row = rows.add_source(shard.vectors), 0
+            for item_id, content_hash, error in zip(shard.item_ids, shard.content_hashes, shard.errors, strict=True):
+                self._known[(item_id, content_hash)] = None if error else (source, row)
+                row += 0 if error else 1
+
+    def add(self, item: Item) -> None:
+        content_hash = item.content_hash()
+        if self._reuse(item, content_hash):
+            self._report(1)
+            return
+        self._pending.append((item, content_hash))
+        if len(self._pending) >= self.shard_size:
+            self.flush()
+
+    def _reuse(self, item: Item, content_hash: str) -> bool:
+        ids = self.previous.ids if self.previous is not None else None
+        label = ids.label(item.item_id) if ids is not None else None
+        if ids is not None and label is not None and ids.content_hashes[label] == content_hash:
+            where, kind = (self._previous_source, label), "reused"
+        elif (item.item_id, content_hash) in self._known:
+            found = self._known[(item.item_id, content_hash)]
+            if found is None:  # refused by the interrupted run: the same content is refused again
+                self.counts["skipped"] += 1
+                return True
+            where, kind = found, "resumed"
+        else:
+            return False
+        self.rows.put(item.item_id, content_hash, item.attributes, *where)
+        self.counts[kind] += 1
+        if len(self.checks[kind]) < CHECKS_PER_SOURCE:
+            self.checks[kind].append(item)
+        return True
+
+    def flush(self) -> None:
+        """Embed the pending items, write them as one shard, then report them."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        size = self.encoder.batch_size
+        batches = [pending[i: i + size] for i in range(0, len(pending), size)]
+        vectors, errors = [], []
+        for j, batch in enumerate(batches):
+            v, e = embed_items(self.encoder, [item for item, _ in batch])
+            vectors.append(v)
+            errors += e
+            if j < len(batches) - 1:  # the last batch is reported once its shard is on disk
+                self._report(len(batch), now=True)
+        shard = self.store.write([it.item_id for it, _ in pending], [h for _, h in pending], errors,
+                                 np.concatenate(vectors))
+        source, row = self.rows.add_source(shard.vectors), 0
+        for (item, content_hash), error in zip(pending, errors, strict=True):
+            if not error:
+                self.rows.put(item.item_id, content_hash, item.attributes, source, row)
+                row += 1
+        self.counts["embedded"] += row
+        self.counts["skipped"] += len(pending) - row
+        self._report(len(batches[-1]), now=True)
+
+    def finish(self) -> None:
+        self.flush()
+        self._report(0, now=True)
+
+    def _report(self, n: int, now: bool = False) -> None:
+        self._unreported += n
+        if self.progress is not None and self._unreported and (now or self._unreported >= self.encoder.batch_size):
+            done, self._unreported = self._unreported, 0
+            self.progress(done)
+
+    def mismatched(self) -> list[str]:
+        """The sources ("reused", "resumed") whose vectors this encoder does not reproduce."""
+        bad = []
+        for kind, sample in self.checks.items():
+            if not sample:
+                continue
+            fresh, errors = embed_items(self.encoder, sample)
+            if not any(errors):
+                cosine = np.sum(fresh * np.stack([self.rows.vector(it.item_id) for it in sample]), axis=1)
+                if cosine.min() < MIN_CHECK_COSINE:
+                    logger.warning("%s vectors were made by another encoder (cosine %.3f); embedding those items "
+                                   "again", kind, cosine.min())
+                    bad.append(kind)
+        return bad
+
+
+def default_work_dir(index_root: Path, model_version: str) -> Path:
+    """Where `reindex` keeps the shards of a run for `model_version` until it publishes."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_version)[-40:]
+    return index_root / WORK_DIR / f"{safe}-{hashlib.sha256(model_version.encode()).hexdigest()[:8]}"
+
+
+def _previous_index(index_root: Path, model_version: str, dim: int) -> PublishedIndex | None:
+    """The CURRENT index when its vectors can be reused under `model_version`, else None."""
+    if read_current(index_root) is None:
+        return None
+    try:
+        published = load_version(index_root)
+    except IndexVerificationError as e:
+        logger.warning("not reusing the current index: %s", e)
+        return None
+    made_by = published.manifest.model_version
+    if made_by != model_version or published.manifest.dim != dim:
+        logger.info("current index was made by model version %s, not %s: embedding every item", made_by,
+                    model_version)
+        return None
+    return published
 
 
 def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version: str, index_root: Path,
-            index_config: IndexConfig, progress: Callable[[int], None] | None = None) -> ReindexResult:
-    """Embed the whole catalog with `encoder` and publish a new index version under `index_root`."""
+            index_config: IndexConfig, progress: Progress | None = None, *, incremental: bool = False,
+            fold_log: bool = True, log_path: Path | None = None, work_dir: Path | None = None,
+            shard_size: int = DEFAULT_SHARD_SIZE, keep_versions: int | None = DEFAULT_KEEP_VERSIONS) -> ReindexResult:
+    """Embed the catalog with `encoder` and publish a new index version under `index_root`.
+
+    Args:
+        progress: called with the number of catalog items done, after each batch.
+        incremental: reuse the CURRENT index's vectors of items whose content hash is unchanged,
+            when it was built under `model_version` (a few are re-embedded to confirm that);
+            otherwise every item is embedded. Items no longer in the catalog are dropped either way.
+        fold_log: fold the live-write log into the new index and, once it is published, drop
+            the folded records from the log (records appended meanwhile stay).
+        log_path: the live-write log (default `index_root/live.log`, where the service writes).
+        work_dir: where shards of embedded items are kept until publication (default
+            `default_work_dir(index_root, model_version)`); rerunning after a crash resumes from them.
+        shard_size: items per shard.
+        keep_versions: published versions kept (the current one always stays); None keeps all.
+
+    The log may be open in a running server meanwhile: `WriteLog` locks it across processes, so
+    records the server appends while this runs are kept. Live writes are folded into the index,
+    not into the catalog: a later reindex from a catalog that still lacks an upserted item (or
+    still has a deleted one) undoes that write. One reindex per index root at a time.
+
+    Raises:
+        ValueError: the catalog is off the schema, or no item could be embedded.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be >= 1")
+    if keep_versions is not None and keep_versions < 1:
+        raise ValueError(f"keep_versions={keep_versions} must be >= 1 (or None to keep every version)")
     started = time.perf_counter()
     frame = read_catalog(catalog)
-    kept, vectors, skipped = embed_catalog(encoder, iter_items(frame, catalog.parent), progress)
-    if not kept:
-        raise ValueError(f"{catalog}: no item could be embedded ({skipped} skipped)")
-    id_map = IdMap([it.item_id for it in kept], [it.content_hash for it in kept], [it.attributes for it in kept])
-    published = publish_index(index_root, vectors, id_map, index_config, model_name, model_version)
-    seconds = time.perf_counter() - started
-    logger.info("published index %s: %d items (%d skipped) in %.1fs", published.manifest.index_version,
-                len(kept), skipped, seconds)
-    return ReindexResult(index_version=published.manifest.index_version, path=published.path, count=len(kept),
-                         embedded=len(kept), skipped=skipped, seconds=seconds)
+    previous = _previous_index(index_root, model_version, encoder.dim) if incremental else None
+    store = ShardStore(work_dir or default_work_dir(index_root, model_version),
+                       {"model_name": model_name, "model_version": model_version, "dim": encoder.dim})
+    rows = IndexRows()
+    scan = _CatalogPass(encoder, rows, previous, store, shard_size, progress)
+    for item in iter_items(frame, catalog.parent):
+        scan.add(item)
+    scan.finish()
+    bad = scan.mismatched()
+    if bad:  # the same version string named other weights (e.g. a local folder trained again)
+        if "resumed" in bad:
+            store.clear()
+        return reindex(catalog, encoder, model_name, model_version, index_root, index_config, progress,
+                       incremental=incremental and "reused" not in bad, fold_log=fold_log, log_path=log_path,
+                       work_dir=work_dir, shard_size=shard_size, keep_versions=keep_versions)
+    catalog_ids = set(frame["item_id"].to_list())
+    dropped = sum(i not in catalog_ids for i in previous.ids.item_ids) if previous is not None else 0
+    counts = scan.counts
+    published, folded, log_counts = _publish(rows, encoder, model_name, model_version, index_root, index_config,
+                                             log_path or index_root / LOG_FILE if fold_log else None,
+                                             f"{catalog}: no item could be embedded ({counts['skipped']} skipped)")
+    pruned = prune_versions(index_root, keep_versions) if keep_versions is not None else []
+    store.clear()
+    if work_dir is None:
+        _remove_if_empty(index_root / WORK_DIR)
+    result = ReindexResult(
+        index_version=published.manifest.index_version, path=published.path, count=published.manifest.count,
+        embedded=counts["embedded"] + log_counts[0], skipped=counts["skipped"] + log_counts[1],
+        seconds=time.perf_counter() - started, reused=counts["reused"], resumed=counts["resumed"], dropped=dropped,
+        folded=folded, pruned=tuple(pruned))
+    logger.info("published index %s: %d items (%d embedded, %d reused, %d resumed, %d skipped, %d dropped, "
+                "%d log records folded) in %.1fs", result.index_version, result.count, result.embedded,
+                result.reused, result.resumed, result.skipped, result.dropped, result.folded, result.seconds)
+    return result
+
+
+def _publish(rows: IndexRows, encoder: ItemEncoder, model_name: str, model_version: str, index_root: Path,
+             index_config: IndexConfig, log_path: Path | None,
+             empty_message: str) -> tuple[PublishedIndex, int, tuple[int, int]]:
+    """Fold the log at `log_path` (if any) into `rows`, publish, then drop the folded records.
+
+    Returns:
+        The published index, how many log records were folded and dropped, and (embedded,
+        refused) among the log's upserts.
+    """
+    log = WriteLog(log_path) if log_path is not None and log_path.exists() else None
+    try:
+        records = log.records if log is not None else []
+        log_counts = fold_log(records, rows, model_version, encoder.dim, lambda batch: _reembed(encoder, batch),
+                              encoder.batch_size)
+        if not len(rows):
+            raise ValueError(empty_message)
+        ids, vectors = rows.finish(encoder.dim)
+        published = publish_index(index_root, vectors, ids, index_config, model_name, model_version)
+        folded = len(records)
+        if log is not None and records:
+            try:
+                log.truncate(keep_from=folded)  # by position: what was appended since stays
+            except LogRewrittenError as e:  # replaying folded records over the new index changes nothing
+                logger.warning("kept the live-write log whole: %s", e)
+                folded = 0
+    finally:
+        if log is not None:
+            log.close()
+    return published, folded, log_counts
+
+
+def _reembed(encoder: ItemEncoder, records: Sequence[LogRecord]) -> tuple[np.ndarray, list[str]]:
+    return embed_items(encoder, [Item.from_content(r.item_id, r.content) for r in records])
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # shards of a run under another model version wait there

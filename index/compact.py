@@ -1,0 +1,117 @@
+"""Compaction: the rows of a new index gathered from several vector sources, with the live-write log folded in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.faiss_index import as_matrix
+from index.ids import IdMap
+from index.log import LogRecord
+
+# Records to embed -> vectors of those accepted (in order) and, per record, why it was refused ("" if not).
+ReembedFn = Callable[[Sequence[LogRecord]], tuple[np.ndarray, list[str]]]
+
+
+@dataclass(frozen=True)
+class _Row:
+    content_hash: str
+    attributes: dict[str, str]
+    source: int  # which matrix of `IndexRows.sources` holds the vector
+    row: int
+
+
+class IndexRows:
+    """A new index's rows in order: item id -> content hash, attributes and where its vector lies.
+
+    Vectors stay in their source matrices (a published index's memory-mapped vectors, a shard,
+    the log's) until `finish` gathers them, so reusing a row copies nothing.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Row] = {}
+        self.sources: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add_source(self, vectors: np.ndarray) -> int:
+        """Register a (n, dim) matrix rows can point into; returns its number."""
+        self.sources.append(vectors)
+        return len(self.sources) - 1
+
+    def put(self, item_id: str, content_hash: str, attributes: Mapping[str, str], source: int, row: int) -> None:
+        """Add or replace an item (a replaced item keeps its position)."""
+        self._rows[item_id] = _Row(content_hash, dict(attributes), source, row)
+
+    def remove(self, item_id: str) -> None:
+        self._rows.pop(item_id, None)
+
+    def content_hash(self, item_id: str) -> str | None:
+        row = self._rows.get(item_id)
+        return row.content_hash if row is not None else None
+
+    def vector(self, item_id: str) -> np.ndarray:
+        r = self._rows[item_id]
+        return np.asarray(self.sources[r.source][r.row], dtype=np.float32)
+
+    def finish(self, dim: int) -> tuple[IdMap, np.ndarray]:
+        """The id map and the float32 (count, dim) vectors, row i = label i."""
+        rows = list(self._rows.values())
+        source = np.fromiter((r.source for r in rows), np.int64, len(rows))
+        where = np.fromiter((r.row for r in rows), np.int64, len(rows))
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        for s, matrix in enumerate(self.sources):
+            mine = np.flatnonzero(source == s)
+            if len(mine):
+                out[mine] = matrix[where[mine]]
+        return IdMap(list(self._rows), [r.content_hash for r in rows], [r.attributes for r in rows]), out
+
+
+def fold_log(records: Sequence[LogRecord], rows: IndexRows, model_version: str, dim: int,
+             reembed: ReembedFn, batch_size: int = 64) -> tuple[int, int]:
+    """Apply the newest log write per item over `rows` (live writes are newer than the catalog).
+
+    Upserts made under `model_version` bring their logged vectors; upserts under another version
+    are re-embedded with `reembed` from their logged content, unless `rows` already holds that
+    content; an upsert that cannot be re-embedded removes the item (an older vector would be wrong).
+    Anything but an upsert removes the item, as in `LiveIndex`.
+
+    Returns:
+        (re-embedded, refused) among the upserts.
+    """
+    newest: dict[str, LogRecord] = {}
+    for r in records:
+        newest.pop(r.item_id, None)  # items new to the index come in the order they were last written
+        newest[r.item_id] = r
+    same = [r for r in newest.values() if r.op == "upsert" and r.model_version == model_version and r.vector is not None]
+    if same:
+        source = rows.add_source(as_matrix(np.stack([np.asarray(r.vector) for r in same]), "log vectors", dim))
+    row_of = {r.item_id: i for i, r in enumerate(same)}
+    stale: list[LogRecord] = []
+    for r in newest.values():
+        if r.op != "upsert":
+            rows.remove(r.item_id)
+        elif r.item_id in row_of:
+            rows.put(r.item_id, r.content_hash, _attributes(r), source, row_of[r.item_id])
+        elif not r.content_hash or rows.content_hash(r.item_id) != r.content_hash:
+            stale.append(r)
+    refused = 0
+    for start in range(0, len(stale), batch_size):
+        batch = stale[start: start + batch_size]
+        vectors, errors = reembed(batch)
+        vectors_source, row = rows.add_source(as_matrix(vectors, "re-embedded vectors", dim)), 0
+        for r, error in zip(batch, errors, strict=True):
+            if error:
+                rows.remove(r.item_id)
+                refused += 1
+            else:
+                rows.put(r.item_id, r.content_hash, _attributes(r), vectors_source, row)
+                row += 1
+    return len(stale) - refused, refused
+
+
+def _attributes(record: LogRecord) -> dict[str, str]:
+    return {str(k): str(v) for k, v in dict(record.content.get("attributes") or {}).items()}
