@@ -270,6 +270,12 @@ def reindex_command(
     = IndexKind.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 64,
     device: Annotated[str, typer.Option(envvar="ONETOWER_DEVICE", help="cpu, cuda, or auto.")] = "auto",
+    incremental: Annotated[bool, typer.Option(
+        help="Re-embed only items whose content hash changed since the current index (same model version).")]
+    = False,
+    fold_log: Annotated[bool, typer.Option(help="Fold the live-write log into the new index, then trim it.")]
+    = True,
+    keep_versions: Annotated[int, typer.Option(min=0, help="Published versions kept on disk (0: all).")] = 3,
 ) -> None:
     """Embed the whole catalog with a registered encoder and publish a verified index version.
 
@@ -286,7 +292,8 @@ def reindex_command(
     uri, _ = use_tracking(tracking_uri, Path.cwd())
     try:
         result = run_reindex(catalog.resolve(), index_root.resolve(), model, IndexConfig(kind=kind.value),
-                             batch_size, _device(device))
+                             batch_size, _device(device), incremental=incremental, fold_log=fold_log,
+                             keep_versions=keep_versions or None)
     except MlflowException as e:
         raise typer.BadParameter(f"{e.message} (registry at {uri}: train and register first, or pass "
                                  "--tracking-uri)", param_hint="--model") from e
@@ -306,20 +313,23 @@ def _device(name: str) -> str:
 
 
 def run_reindex(catalog: Path, index_root: Path, model_uri: str, index_config: IndexConfig,
-                batch_size: int = 64, device: str = "cpu", out: Console | None = None) -> ReindexResult:
+                batch_size: int = 64, device: str = "cpu", out: Console | None = None, *, incremental: bool = False,
+                fold_log: bool = True, keep_versions: int | None = 3) -> ReindexResult:
     """Resolve `model_uri` (files cached under `index_root/.model-cache`) and reindex with a progress bar."""
     resolved = resolve_model(model_uri, index_root / ".model-cache")
     encoder = load_encoder(resolved.directory, device=device, batch_size=batch_size)
     rows = pl.scan_parquet(catalog).select(pl.len()).collect().item()
     with progress_bar(f"embedding with {resolved.name} v{resolved.version}", rows, out) as advance:
-        return reindex(catalog, encoder, resolved.name, resolved.version, index_root, index_config, advance)
+        return reindex(catalog, encoder, resolved.name, resolved.version, index_root, index_config, advance,
+                       incremental=incremental, fold_log=fold_log, keep_versions=keep_versions)
 
 
 def _print_reindex(result: ReindexResult, out: Console) -> None:
     rate = (result.count + result.skipped) / max(result.seconds, 1e-9)
     out.print(
-        f"published index [bold green]{result.index_version}[/]: {result.count} items, {result.skipped} skipped, "
-        f"{result.seconds:.1f}s ({rate:.0f} items/s) in {result.path}")
+        f"published index [bold green]{result.index_version}[/]: {result.count} items ({result.embedded} embedded, "
+        f"{result.reused} reused, {result.resumed} resumed, {result.folded} live writes folded), "
+        f"{result.skipped} skipped, {result.seconds:.1f}s ({rate:.0f} items/s) in {result.path}")
 
 
 @dataclass(frozen=True)

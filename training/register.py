@@ -119,7 +119,8 @@ def resolve_model(ref: str, cache_dir: Path) -> ResolvedModel:
     """Resolve a registry URI (or a local encoder directory) and download the encoder files."""
     if not ref.startswith("models:/"):
         directory = embed_load.find_encoder_dir(Path(ref))
-        return ResolvedModel(name="local", version=f"local-{directory.name}", directory=directory)
+        # the same name and version the service's registry.lookup_model gives a local folder
+        return ResolvedModel(name=Path(ref).name, version=f"local:{Path(ref).resolve()}", directory=directory)
     name, alias, version = parse_model_uri(ref)
     client = MlflowClient()
     mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(version))

@@ -93,16 +93,19 @@ def test_reindex_publishes_every_item_of_the_catalog(trained: tuple[SynthDataset
     assert published.manifest.count == N_ITEMS == len(published.ids)  # every synthetic item is embeddable
     assert (published.manifest.model_name, published.manifest.model_version) == (MODEL_NAME, "1")
     assert published.manifest.kind == "flat"
-    assert f"published index {published.manifest.index_version}: {N_ITEMS} items, 0 skipped" in output
+    assert f"published index {published.manifest.index_version}: {N_ITEMS} items ({N_ITEMS} embedded" in output
+    assert "0 skipped" in output
     assert (tmp_path / "index" / ".model-cache" / MODEL_NAME / "1" / "done").is_file()
 
 
 @pytest.mark.slow
 def test_reindex_accepts_a_local_encoder_directory(trained: tuple[SynthDataset, str], tmp_path: Path) -> None:
     dataset, _ = trained
-    invoke("reindex", "--catalog", dataset.catalog, "--index-root", tmp_path, "--model",
-           dataset.root.parent / "runs" / "encoder", "--device", "cpu")
-    assert load_version(tmp_path).manifest.model_name == "local"
+    encoder_dir = dataset.root.parent / "runs" / "encoder"
+    invoke("reindex", "--catalog", dataset.catalog, "--index-root", tmp_path, "--model", encoder_dir, "--device", "cpu")
+    manifest = load_version(tmp_path).manifest
+    # the name and version `onetower serve --model DIR` looks for, so the pair matches
+    assert (manifest.model_name, manifest.model_version) == ("encoder", f"local:{encoder_dir.resolve()}")
 
 
 def test_train_refuses_an_unknown_config_by_name(tmp_path: Path) -> None:
