@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from index.errors import CorruptLogError, LogRewrittenError
+from index.fsio import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class WriteLog:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self._file.close()  # after unlocking: the replaced file's lock goes with it
             self._file = self.path.open("ab")
             self._records, self._end = kept, len(data)
@@ -244,11 +245,3 @@ def _same_prefix(a: list[LogRecord], b: list[LogRecord], n: int) -> bool:
     """Whether the first `n` records of `a` (or all it has) start `b` too."""
     m = min(n, len(a))
     return len(b) >= m and all(x.to_bytes() == y.to_bytes() for x, y in zip(a[:m], b[:m], strict=True))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,6 +27,7 @@ import numpy as np
 from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.faiss_index import as_matrix, build_index, import_faiss, index_kind
+from index.fsio import fsync_dir
 from index.ids import IdMap
 
 logger = logging.getLogger(__name__)
@@ -100,14 +101,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def new_version_name(model_version: str) -> str:
     """A sortable, unique version name: UTC time, model version, a short random suffix."""
     now = time.time()
@@ -145,7 +138,7 @@ def publish_index(root: Path, vectors: np.ndarray, ids: IdMap, config: IndexConf
     _fsync_write(staging / MANIFEST_FILE, manifest.to_json().encode())
     final = root / VERSIONS / version
     os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     published = load_version(root, version)  # verify what landed on disk before anyone serves it
     if make_current:
         set_current(root, version)
@@ -161,7 +154,7 @@ def set_current(root: Path, version: str) -> None:
     tmp = root / f".{CURRENT}.tmp"
     _fsync_write(tmp, (version + "\n").encode())
     os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def read_current(root: Path) -> str | None:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.faiss_index import as_matrix
+from index.fsio import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class ShardStore:
                           "error": pa.array(list(errors), pa.string())})
         _atomic_write(self._path(number, "npy"), lambda f: np.save(f, x))
         _atomic_write(self._path(number, "parquet"), lambda f: pq.write_table(table, f))  # marks it complete
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return Shard(number, list(item_ids), list(content_hashes), list(errors),
                      np.load(self._path(number, "npy"), mmap_mode="r"))
 
@@ -141,11 +142,3 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
