@@ -24,7 +24,7 @@ class EncoderConfig:
     dropout: float = 0.0
     embed_dim: int = 128  # length of the vector stored in FAISS
     pool: str = "mean"  # "mean" over real tokens and patches (trains far faster from scratch) or "cls"
-    moe_experts: int = 0  # 0: dense FFN; >0: modality-aware mixture of experts per modality
+    moe_experts: int = 0  # 0: dense FFN; >0 (modality-aware mixture of experts) is not implemented yet
     moe_shared_experts: int = 1
     moe_top_k: int = 1
 
@@ -41,6 +41,9 @@ class EncoderConfig:
             raise ValueError(f"pool={self.pool!r} must be 'mean' or 'cls'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.moe_experts > 0:
+            raise ValueError(f"moe_experts={self.moe_experts}: the mixture-of-experts FFN is not implemented yet; "
+                             "use 0 (dense FFN)")
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise ValueError(
                 f"moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}] when experts are on")
