@@ -81,6 +81,8 @@ def parse_attributes(text: str | None) -> dict[str, str]:
         data: Any = json.loads(text)
     except json.JSONDecodeError as e:
         raise CatalogError(f"attributes is not a JSON object: {text[:80]!r} ({e})") from None
+    if data is None:  # a null struct JSON-encodes as "null"
+        return {}
     if not isinstance(data, dict):
         raise CatalogError(f"attributes must be a JSON object, got {type(data).__name__}")
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items() if v is not None}

@@ -1,0 +1,72 @@
+"""Catalogs and interactions in the shapes users bring: struct or JSON attributes, one image path or
+many, embedded image bytes, missing columns, integer ids."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from training.data import CatalogError, iter_items, read_catalog, read_interactions
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_struct_attributes_single_image_path_and_int_ids(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png())
+    pl.DataFrame({"item_id": [1, 2], "title": ["red bag", None],
+                  "attributes": [{"colour": "red", "size": "M"}, None],
+                  "image_path": ["a.png", None]}).write_parquet(tmp_path / "c.parquet")
+    items = list(iter_items(read_catalog(tmp_path / "c.parquet"), tmp_path))
+    assert [it.item_id for it in items] == ["1", "2"]
+    assert items[0].attributes == {"colour": "red", "size": "M"}
+    assert items[0].images == (_png(),)
+    assert items[1].images == () and items[1].title == "" and items[1].attributes == {}
+
+
+def test_embedded_image_bytes_and_json_attributes(tmp_path: Path) -> None:
+    pl.DataFrame({"item_id": ["x"], "description": ["wool hat"], "attributes": ['{"brand": "Ostrel", "n": 3}'],
+                  "images": [[_png(), _png()]]}).write_parquet(tmp_path / "c.parquet")
+    (item,) = list(iter_items(read_catalog(tmp_path / "c.parquet"), tmp_path))
+    assert item.attributes == {"brand": "Ostrel", "n": "3"}
+    assert len(item.images) == 2 and item.text.startswith("wool hat")
+
+
+def test_missing_image_file_is_skipped_not_fatal(tmp_path: Path) -> None:
+    pl.DataFrame({"item_id": ["x"], "title": ["t"], "image_paths": [["missing.png"]]}).write_parquet(
+        tmp_path / "c.parquet")
+    (item,) = list(iter_items(read_catalog(tmp_path / "c.parquet"), tmp_path))
+    assert item.images == ()
+
+
+@pytest.mark.parametrize(("frame", "message"), [
+    (pl.DataFrame({"title": ["t"]}), "missing column 'item_id'"),
+    (pl.DataFrame({"item_id": ["a", "a"], "title": ["t", "u"]}), "must be unique"),
+])
+def test_bad_catalogs_are_refused_by_name(tmp_path: Path, frame: pl.DataFrame, message: str) -> None:
+    frame.write_parquet(tmp_path / "c.parquet")
+    with pytest.raises(CatalogError, match=message):
+        read_catalog(tmp_path / "c.parquet")
+
+
+def test_interactions_defaults(tmp_path: Path) -> None:
+    pl.DataFrame({"user_id": [7, 7], "item_id": [1, 2], "event": ["purchase", "view"]}).write_parquet(
+        tmp_path / "i.parquet")
+    frame = read_interactions(tmp_path / "i.parquet")
+    assert frame["user_id"].to_list() == ["7", "7"] and frame["item_id"].to_list() == ["1", "2"]
+    assert frame["weight"].to_list() == [5.0, 1.0]
+    assert frame["ts"].dtype == pl.Datetime("ms")
+    pl.DataFrame({"user_id": ["u"], "item_id": ["a"], "ts": [datetime(2025, 1, 1)], "weight": [None]},
+                 schema_overrides={"weight": pl.Float64}).write_parquet(tmp_path / "j.parquet")
+    assert read_interactions(tmp_path / "j.parquet")["weight"].to_list() == [1.0]
+    pl.DataFrame({"item_id": ["a"]}).write_parquet(tmp_path / "k.parquet")
+    with pytest.raises(CatalogError, match="user_id"):
+        read_interactions(tmp_path / "k.parquet")
