@@ -37,9 +37,11 @@ protos: setup
 	  protos/onetower/v1/onetower.proto
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s -p no:cacheprovider
 
 bench-quick: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	ONETOWER_BENCH_QUICK=1 $(BIN)/python -m pytest tests/benchmarks -m benchmark -s -p no:cacheprovider
 
 clean:
