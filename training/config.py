@@ -9,6 +9,7 @@ from typing import Any
 from embed.config import EncoderConfig, preset
 
 MODALITIES = ("both", "text", "image")
+STAGES = (1, 2, 3)  # unimodal pretraining, image-text alignment, recommendation fine-tuning
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,9 @@ class TrainConfig:
     encoder: str = "demo"  # size by name: tiny, demo, small, base
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 300
+    # Curriculum (`run_stages`) only: optimiser steps per stage (1 unimodal, 2 alignment, 3 recommendation);
+    # a stage not listed trains for `max_steps`. `train()` ignores it.
+    stage_steps: dict[int, int] = field(default_factory=dict)
     batch_size: int = 128  # in-batch negatives: larger is a harder, better objective
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -40,6 +44,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "window", "devices", "num_nodes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for stage, steps in self.stage_steps.items():
+            if stage not in STAGES or steps <= 0:
+                raise ValueError(f"stage_steps[{stage!r}]={steps} needs a stage in {list(STAGES)} and positive steps")
         if self.batch_size < 2:
             raise ValueError(f"batch_size={self.batch_size} must be >= 2 for in-batch negatives")
         if not 0 < self.temperature <= 1:
@@ -49,6 +56,10 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
         self.encoder_config()  # validates the size name and overrides early
+
+    def steps_for(self, stage: int) -> int:
+        """Optimiser steps of curriculum `stage`: `stage_steps[stage]`, else `max_steps`."""
+        return self.stage_steps.get(stage, self.max_steps)
 
     def encoder_config(self) -> EncoderConfig:
         return preset(self.encoder, **self.encoder_overrides)

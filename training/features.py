@@ -114,3 +114,45 @@ class PairCollator:
         a = [r[0] for r in rows]
         p = [r[1] for r in rows]
         return self.features.batch(a), self.features.batch(p), torch.tensor(a), torch.tensor(p)
+
+
+class RowDataset(torch.utils.data.Dataset[int]):
+    """Index -> catalog row, over a fixed list of rows."""
+
+    def __init__(self, rows: Sequence[int]) -> None:
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> int:
+        return self.rows[i]
+
+
+def rows_with(features: ItemFeatures, text: bool, image: bool) -> list[int]:
+    """Catalog rows that have text (if `text`) and a decoded image (if `image`)."""
+    return [r for r in range(len(features))
+            if (not text or len(features.tokens[r]) > 0) and (not image or len(features.images[r]) > 0)]
+
+
+class UnimodalCollator:
+    """Collate item rows into (text-only view of those with text, image-only view of those with images)."""
+
+    def __init__(self, features: ItemFeatures) -> None:
+        self.features = features
+
+    def __call__(self, rows: list[int]) -> tuple[EncoderInput, EncoderInput]:
+        f = self.features
+        return (f.text_only([r for r in rows if len(f.tokens[r]) > 0]),
+                f.image_only([r for r in rows if len(f.images[r]) > 0]))
+
+
+class AlignmentCollator:
+    """Collate rows of items with both modalities into (image-only, text-only, joint views, rows)."""
+
+    def __init__(self, features: ItemFeatures) -> None:
+        self.features = features
+
+    def __call__(self, rows: list[int]) -> tuple[EncoderInput, EncoderInput, EncoderInput, torch.Tensor]:
+        f = self.features
+        return f.image_only(rows), f.text_only(rows), f.batch(rows), torch.tensor(rows)

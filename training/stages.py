@@ -8,9 +8,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from embed.config import EncoderConfig
 from embed.model import EncoderInput, UnifiedEncoder
+from embed.tokens import TextTokenizer
 
 
 def sampled_softmax_loss(queries: torch.Tensor, keys: torch.Tensor, key_rows: torch.Tensor,
@@ -74,4 +76,114 @@ class RecommendationStage(EncoderStage):
         loss = 0.5 * (sampled_softmax_loss(a, p, p_rows, log_q, self.temperature)
                       + sampled_softmax_loss(p, a, a_rows, log_q, self.temperature))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(a_rows))
+        return loss
+
+
+def init_from(module: EncoderStage, encoder_state_dict: dict[str, torch.Tensor]) -> EncoderStage:
+    """Load a previous stage's encoder weights into `module.encoder` (strict: same config and vocabulary)."""
+    module.encoder.load_state_dict(encoder_state_dict, strict=True)
+    return module
+
+
+class UnimodalPretrainStage(EncoderStage):
+    """Stage 1: masked-token prediction on text-only sequences + masked-patch reconstruction on image-only.
+
+    Batches are `(text_only, image_only)` encoder inputs (either may have zero rows). Masked tokens
+    become [MASK] and a linear head over `hidden_states` predicts the original id (BERT, without
+    the 80/10/10 split); masked patches are zeroed at the input and a linear head regresses their
+    original pixels, MSE over masked patches only (a SimMIM-style objective on ViLT patches).
+    """
+
+    def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
+                 max_steps: int, token_mask_rate: float = 0.15, patch_mask_rate: float = 0.4) -> None:
+        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps)
+        self.save_hyperparameters()
+        for name, rate in (("token_mask_rate", token_mask_rate), ("patch_mask_rate", patch_mask_rate)):
+            if not 0.0 < rate < 1.0:
+                raise ValueError(f"{name}={rate} must be in (0, 1)")
+        config = self.encoder.config
+        self.token_head = nn.Linear(config.width, config.vocab_size)
+        self.patch_head = nn.Linear(config.width, config.patch_dim)
+
+    def masked_token_loss(self, batch: EncoderInput) -> torch.Tensor:
+        """Cross-entropy on the masked real tokens ([CLS], [SEP] and padding are never masked)."""
+        ids = batch.token_ids
+        real = batch.text_mask & (ids != TextTokenizer.cls_id) & (ids != TextTokenizer.sep_id)
+        masked = real & (torch.rand(ids.shape, device=ids.device) < self.hparams["token_mask_rate"])
+        if not masked.any():
+            return self.token_head.weight.sum() * 0.0  # keeps the graph (and DDP) whole
+        inputs = EncoderInput(ids.masked_fill(masked, TextTokenizer.mask_id), batch.text_mask,
+                              batch.patches, batch.image_mask)
+        states, _ = self.encoder.hidden_states(inputs)  # (B, T, D): text-only, so S = T
+        return F.cross_entropy(self.token_head(states[masked]).float(), ids[masked])
+
+    def masked_patch_loss(self, batch: EncoderInput) -> torch.Tensor:
+        """MSE between reconstructed and original pixels of the masked patches of present images."""
+        b, m, n, _ = batch.patches.shape
+        present = batch.image_mask[:, :, None].expand(b, m, n)
+        masked = present & (torch.rand(b, m, n, device=batch.patches.device) < self.hparams["patch_mask_rate"])
+        if not masked.any():
+            return self.patch_head.weight.sum() * 0.0
+        inputs = EncoderInput(batch.token_ids, batch.text_mask,
+                              batch.patches.masked_fill(masked[..., None], 0.0), batch.image_mask)
+        states, _ = self.encoder.hidden_states(inputs)
+        t = batch.token_ids.shape[1]
+        patch_states = states[:, t:].reshape(b, m, n, -1)  # (B, M, N, D)
+        return F.mse_loss(self.patch_head(patch_states[masked]).float(), batch.patches[masked])
+
+    def training_step(self, batch: tuple[EncoderInput, EncoderInput], batch_idx: int) -> torch.Tensor:
+        text, image = batch
+        mlm = self.masked_token_loss(text) if len(text) else self.token_head.weight.sum() * 0.0
+        mpr = self.masked_patch_loss(image) if len(image) else self.patch_head.weight.sum() * 0.0
+        loss = mlm + mpr
+        size = max(len(text), len(image))
+        self.log("stage1/loss", loss, prog_bar=True, batch_size=size)
+        self.log("stage1/mlm", mlm, batch_size=size)
+        self.log("stage1/mpr", mpr, batch_size=size)
+        return loss
+
+
+class AlignmentStage(EncoderStage):
+    """Stage 2: InfoNCE between the image-only and text-only views of the same items + image-text matching.
+
+    Batches are `(image_only, text_only, joint, rows)` over items that have both modalities. ITM: a
+    binary head on the pooled joint sequence tells the item's own image from another item's (the
+    batch's images rolled by a random non-zero shift), BCE over matched and mismatched pairs.
+    """
+
+    def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
+                 max_steps: int, temperature: float, itm_weight: float = 1.0) -> None:
+        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps)
+        self.save_hyperparameters()
+        self.temperature = temperature
+        self.itm_head = nn.Linear(self.encoder.config.width, 1)
+
+    def itm_loss(self, joint: EncoderInput) -> torch.Tensor:
+        """BCE of the matching head on matched (label 1) and image-shuffled (label 0) joint sequences."""
+        b = len(joint)
+        if b < 2:
+            raise ValueError(f"image-text matching needs >= 2 items a batch to shuffle images, got {b}")
+        shift = int(torch.randint(1, b, ()).item())
+        perm = torch.roll(torch.arange(b, device=joint.patches.device), shift)
+        mismatched = EncoderInput(joint.token_ids, joint.text_mask, joint.patches[perm], joint.image_mask[perm])
+        logits = torch.cat([self.itm_logits(joint), self.itm_logits(mismatched)])
+        labels = torch.cat([torch.ones(b, device=logits.device), torch.zeros(b, device=logits.device)])
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def itm_logits(self, batch: EncoderInput) -> torch.Tensor:
+        """(B,) matching logits from the pooled joint sequence."""
+        states, keep = self.encoder.hidden_states(batch)
+        return self.itm_head(self.encoder.pool(states, keep)).squeeze(-1).float()
+
+    def training_step(self, batch: tuple[EncoderInput, EncoderInput, EncoderInput, torch.Tensor],
+                      batch_idx: int) -> torch.Tensor:
+        image, text, joint, rows = batch
+        i, t = self.encoder(image), self.encoder(text)
+        nce = 0.5 * (sampled_softmax_loss(i, t, rows, None, self.temperature)
+                     + sampled_softmax_loss(t, i, rows, None, self.temperature))
+        itm = self.itm_loss(joint)
+        loss = nce + self.hparams["itm_weight"] * itm
+        self.log("stage2/loss", loss, prog_bar=True, batch_size=len(rows))
+        self.log("stage2/nce", nce, batch_size=len(rows))
+        self.log("stage2/itm", itm, batch_size=len(rows))
         return loss

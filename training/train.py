@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
+from embed.config import EncoderConfig
 from embed.items import Item
 from embed.load import save_encoder
 from embed.tokens import TextTokenizer
@@ -42,28 +43,13 @@ def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
     Logs params and curves to the active MLflow tracking URI (experiment `config.experiment`).
     """
     pl.seed_everything(config.seed, workers=True)
-    enc_config = config.encoder_config()
     started = time.perf_counter()
-    frame = read_catalog(catalog)
-    items = restrict_modalities(iter_items(frame, catalog.parent, with_images=config.modalities != "text"),
-                                config.modalities)
-    tokenizer = TextTokenizer.train((it.text for it in items), enc_config.vocab_size)
-    enc_config = dataclasses.replace(enc_config, vocab_size=tokenizer.vocab_size)
-    features = ItemFeatures(items, tokenizer, enc_config)
-    pairs = co_engagement_pairs(read_interactions(interactions), features.row_of, config.window, len(features))
-    logger.info("prepared %d items and %d pairs in %.1fs", len(features), len(pairs.anchors),
-                time.perf_counter() - started)
-    loader = torch.utils.data.DataLoader(
-        PairDataset(pairs), batch_size=config.batch_size, shuffle=True, drop_last=len(pairs.anchors) > config.batch_size,
-        collate_fn=PairCollator(features), num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0)
-    module = RecommendationStage(
-        encoder_config=dataclasses.asdict(enc_config), lr=config.lr, weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps, max_steps=config.max_steps, temperature=config.temperature,
-        log_q=pairs.log_q.tolist() if config.logq_correction else None)
+    tokenizer, enc_config, features = prepare_features(catalog, config)
+    module, loader = recommendation_setup(features, interactions, enc_config, config, config.max_steps)
+    logger.info("prepared %d items in %.1fs", len(features), time.perf_counter() - started)
     mlf = MLFlowLogger(experiment_name=config.experiment, tracking_uri=mlflow.get_tracking_uri(),
                        run_name=f"train-{enc_config.width}w{enc_config.depth}d")
-    trainer = _trainer(config, out_dir, mlf, progress_bar)
+    trainer = build_trainer(config, out_dir, mlf, progress_bar)
     mlf.log_hyperparams({f"train.{k}": v for k, v in dataclasses.asdict(config).items()})
     trainer.fit(module, loader)
     elapsed = time.perf_counter() - started
@@ -74,6 +60,35 @@ def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
     mlf.log_metrics(metrics, step=trainer.global_step)
     logger.info("trained %d steps in %.1fs, final loss %.4f", trainer.global_step, elapsed, loss)
     return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics)
+
+
+def prepare_features(catalog: Path, config: TrainConfig) -> tuple[TextTokenizer, EncoderConfig, ItemFeatures]:
+    """Read the catalog, keep `config.modalities`, train the tokenizer and featurise every item.
+
+    Returns the tokenizer, the encoder config with the tokenizer's real vocabulary size, and the features.
+    """
+    enc_config = config.encoder_config()
+    items = restrict_modalities(iter_items(read_catalog(catalog), catalog.parent,
+                                           with_images=config.modalities != "text"), config.modalities)
+    tokenizer = TextTokenizer.train((it.text for it in items), enc_config.vocab_size)
+    enc_config = dataclasses.replace(enc_config, vocab_size=tokenizer.vocab_size)
+    return tokenizer, enc_config, ItemFeatures(items, tokenizer, enc_config)
+
+
+def recommendation_setup(features: ItemFeatures, interactions: Path, enc_config: EncoderConfig,
+                         config: TrainConfig, max_steps: int
+                         ) -> tuple[RecommendationStage, torch.utils.data.DataLoader[tuple[int, int]]]:
+    """The stage-3 module and its loader of co-engagement pairs."""
+    pairs = co_engagement_pairs(read_interactions(interactions), features.row_of, config.window, len(features))
+    loader = torch.utils.data.DataLoader(
+        PairDataset(pairs), batch_size=config.batch_size, shuffle=True, drop_last=len(pairs.anchors) > config.batch_size,
+        collate_fn=PairCollator(features), num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0)
+    module = RecommendationStage(
+        encoder_config=dataclasses.asdict(enc_config), lr=config.lr, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, max_steps=max_steps, temperature=config.temperature,
+        log_q=pairs.log_q.tolist() if config.logq_correction else None)
+    return module, loader
 
 
 def restrict_modalities(items: Iterable[Item], modalities: str) -> list[Item]:
@@ -93,7 +108,8 @@ def restrict_modalities(items: Iterable[Item], modalities: str) -> list[Item]:
     return [it for it in kept if it.has_text or it.images]
 
 
-def _trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger, progress_bar: bool) -> pl.Trainer:
+def build_trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger, progress_bar: bool) -> pl.Trainer:
+    """A Trainer for `config.max_steps` steps, keeping the last checkpoint under `out_dir/checkpoints`."""
     callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True)]
     if progress_bar:
         callbacks.append(RichProgressBar())
