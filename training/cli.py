@@ -39,6 +39,7 @@ from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.publish import load_version, read_current
 from training.config import TrainConfig
+from training.curriculum import run_stages
 from training.data import CatalogError
 from training.register import (
     DEFAULT_ALIAS,
@@ -217,6 +218,9 @@ def train_command(
                                                    help="MLflow experiment (default: the config's).")] = None,
     register: Annotated[bool, typer.Option(help="Register the encoder as a new model version.")] = True,
     alias: Annotated[str, typer.Option(help="Alias to point at the new version ('' for none).")] = DEFAULT_ALIAS,
+    stages: Annotated[str, typer.Option(
+        help="Curriculum stages, comma-separated: 1 unimodal pretraining, 2 image-text alignment, "
+             "3 recommendation. Each starts from the previous one's weights.")] = "3",
 ) -> None:
     """Train the encoder on co-engagement, log the run to MLflow and register the result.
 
@@ -225,6 +229,8 @@ def train_command(
     [cyan]onetower train --catalog data/catalog.parquet --interactions data/interactions.parquet[/]
 
     [cyan]onetower train --catalog c.parquet --interactions i.parquet --config my.yaml --max-steps 50 --no-register[/]
+
+    [cyan]onetower train --catalog c.parquet --interactions i.parquet --stages 1,2,3[/]  (the full curriculum)
 
     Without --tracking-uri (or MLFLOW_TRACKING_URI) runs go to ./mlflow.db with artifacts in ./mlartifacts.
     The new version of onetower-encoder gets the alias (default champion), which reindex and serve follow.
@@ -238,7 +244,12 @@ def train_command(
     ensure_experiment(cfg.experiment, artifact_root)
     _out.print(f"training the [bold]{cfg.encoder}[/] encoder for {cfg.max_steps} steps; tracking at {uri}")
     try:
-        result = train(catalog.resolve(), interactions.resolve(), out.resolve(), cfg, progress_bar=True)
+        wanted = tuple(int(x) for x in stages.split(",") if x.strip())
+        if wanted == (3,):
+            result = train(catalog.resolve(), interactions.resolve(), out.resolve(), cfg, progress_bar=True)
+        else:
+            result = run_stages(catalog.resolve(), interactions.resolve(), out.resolve(), cfg, stages=wanted,
+                                progress_bar=True)
     except CatalogError as e:
         raise _fail(e) from e
     _print_train(result, _out)
@@ -250,8 +261,10 @@ def train_command(
 
 def _print_train(result: TrainResult, out: Console) -> None:
     m = result.metrics
-    out.print(f"final loss {m['train_loss']:.4f} in {m['train_seconds']:.1f}s "
-                  f"({m['pairs_per_second']:.0f} pairs/s); run {result.run_id}; encoder in {result.encoder_dir}")
+    stages = "; ".join(f"stage {n} loss {m[f'stage{n}_loss']:.4f}" for n in (1, 2, 3) if f"stage{n}_loss" in m)
+    rate = f" ({m['pairs_per_second']:.0f} pairs/s)" if "pairs_per_second" in m else ""
+    out.print(f"final loss {m['train_loss']:.4f} in {m['train_seconds']:.1f}s{rate}"
+              + (f" [{stages}]" if stages else "") + f"; run {result.run_id}; encoder in {result.encoder_dir}")
 
 
 @app.command("reindex")
