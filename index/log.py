@@ -111,7 +111,7 @@ class WriteLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._records: list[LogRecord] = []
         self._end = 0  # bytes of intact frames this object has read or written
-        self._file = path.open("ab")
+        self._file = path.open("ab", buffering=0)  # unbuffered: a failed write leaves no bytes behind to flush later
         try:
             with self._file_lock():
                 pass  # taking the lock reads the file
@@ -128,7 +128,7 @@ class WriteLog:
                 break
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)  # a truncate renamed a new file over ours
             self._file.close()
-            self._file = self.path.open("ab")
+            self._file = self.path.open("ab", buffering=0)
             self._end = -1
         try:
             if os.fstat(self._file.fileno()).st_size != self._end:
@@ -195,12 +195,17 @@ class WriteLog:
         batch = list(records)
         data = b"".join(_frame(r) for r in batch)
         with self._lock, self._file_lock():
+            fd = self._file.fileno()
             try:
-                self._file.write(data)
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                view = memoryview(data)
+                while view:  # O_APPEND; a short write (the disk filled up) goes on until it raises
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
             except OSError:
-                self._file.truncate(self._end)  # best effort: do not leave half a batch behind
+                try:
+                    os.ftruncate(fd, self._end)  # do not leave half a batch behind
+                except OSError as e:  # e.g. EIO, or a device that cannot be truncated: the next open drops the tail
+                    logger.error("%s: could not cut a failed append back to byte %d: %s", self.path, self._end, e)
                 raise
             self._records.extend(batch)
             self._end += len(data)
@@ -233,7 +238,7 @@ class WriteLog:
                 os.replace(tmp, self.path)
                 fsync_dir(self.path.parent)
             self._file.close()  # after unlocking: the replaced file's lock goes with it
-            self._file = self.path.open("ab")
+            self._file = self.path.open("ab", buffering=0)
             self._records, self._end = kept, len(data)
 
     def close(self) -> None:

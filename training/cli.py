@@ -264,7 +264,7 @@ def _print_train(result: TrainResult, out: Console) -> None:
     stages = "; ".join(f"stage {n} loss {m[f'stage{n}_loss']:.4f}" for n in (1, 2, 3) if f"stage{n}_loss" in m)
     rate = f" ({m['pairs_per_second']:.0f} pairs/s)" if "pairs_per_second" in m else ""
     out.print(f"final loss {m['train_loss']:.4f} in {m['train_seconds']:.1f}s{rate}"
-              + (f" [{stages}]" if stages else "") + f"; run {result.run_id}; encoder in {result.encoder_dir}")
+              + (f" ({stages})" if stages else "") + f"; run {result.run_id}; encoder in {result.encoder_dir}")
 
 
 @app.command("reindex")
