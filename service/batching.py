@@ -32,7 +32,7 @@ class DeadlineExpiredError(RuntimeError):
     """The request's deadline passed before its items were encoded."""
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity: field equality would compare numpy features
 class _Job:
     encoder: ItemEncoder
     features: list[Features]
@@ -80,7 +80,11 @@ class MicroBatcher:
             raise DeadlineExpiredError("the deadline passed while the items waited to be encoded") from None
 
     def close(self) -> None:
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=5)
+        except queue.Full:  # the worker is gone; it is a daemon thread, nothing to wait for
+            logger.error("batcher queue still full at close; not waiting for the worker")
+            return
         self._thread.join(timeout=5)
 
     def _next(self, timeout: float | None) -> _Job | None:
