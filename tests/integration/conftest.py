@@ -96,13 +96,16 @@ def trained(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Tra
     return Trained(ds, mlflow_server, version, result.encoder_dir, work / "index", work)
 
 
+def serve_champion(trained: Trained, cache: str) -> RunningServer:
+    """Start the gRPC service on a free port, following models:/onetower-encoder@champion."""
+    return start_server(ServiceConfig(model_uri=f"models:/{MODEL_NAME}@champion", index_root=trained.index_root,
+                                      tracking_uri=trained.tracking_uri, port=0, poll_seconds=0,
+                                      cache_dir=trained.workdir / cache))
+
+
 @pytest.fixture(scope="session")
 def server(trained: Trained) -> Iterator[RunningServer]:
-    """The gRPC service on a free port, following models:/onetower-encoder@champion."""
-    config = ServiceConfig(model_uri=f"models:/{MODEL_NAME}@champion", index_root=trained.index_root,
-                           tracking_uri=trained.tracking_uri, port=0, poll_seconds=0,
-                           cache_dir=trained.workdir / "model-cache")
-    running = start_server(config)
+    running = serve_champion(trained, "model-cache")
     yield running
     running.stop(grace=1)
 

@@ -14,21 +14,17 @@ from embed.load import load_encoder
 from index.config import IndexConfig
 from index.publish import read_current, set_current
 from service.client import Client
-from service.config import ServiceConfig
-from service.server import RunningServer, start_server
+from service.server import RunningServer
 from service.snapshot import PairMismatchError
 from training.register import MODEL_NAME, register_encoder
 from training.reindex import reindex
 
-from .conftest import Trained
+from .conftest import Trained, serve_champion
 
 
 @pytest.fixture()
 def swap_server(trained: Trained) -> Iterator[RunningServer]:
-    config = ServiceConfig(model_uri=f"models:/{MODEL_NAME}@champion", index_root=trained.index_root,
-                           tracking_uri=trained.tracking_uri, port=0, poll_seconds=0,
-                           cache_dir=trained.workdir / "swap-cache")
-    running = start_server(config)
+    running = serve_champion(trained, "swap-cache")
     yield running
     running.stop(grace=1)
 
