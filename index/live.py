@@ -187,10 +187,15 @@ class LiveIndex:
         if n == 0 or not s.fresh_alive.any():
             return [[] for _ in range(len(q))]
         ok = s.fresh_alive.copy()
-        for row in range(n):
-            if ok[row] and (self._fresh_ids[row] in exclude or (attributes_equal and any(
-                    self._fresh_attrs[row].get(key) != value for key, value in attributes_equal.items()))):
+        for item_id in exclude:  # only the rows named, not a scan of every fresh row
+            row = s.fresh_row.get(item_id)
+            if row is not None and row < n:
                 ok[row] = False
+        if attributes_equal:
+            for r in np.flatnonzero(ok).tolist():
+                attrs = self._fresh_attrs[r]
+                if any(attrs.get(key) != value for key, value in attributes_equal.items()):
+                    ok[r] = False
         scores = q @ s.fresh_vectors[:n].T  # (Q, n)
         scores[:, ~ok] = -np.inf
         take = min(fetch, n)

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from embed.errors import InvalidItemError
 from embed.items import Item
 from embed.load import load_encoder
 from training.config import TrainConfig
 from training.data import iter_items, read_catalog, read_interactions
+from training.reindex import embed_items as embed_batch
 from training.report import write_report
 from training.synthetic import TRAIT_KINDS
 from training.train import restrict_modalities, train
@@ -251,16 +251,11 @@ def embed_items(encoder_dir: Path, items: Sequence[Item], modalities: str = "bot
     out = np.zeros((len(items), encoder.dim), dtype=np.float32)
     embedded = 0
     for start in range(0, len(kept), batch_size):
-        features, rows = [], []
-        for item in kept[start: start + batch_size]:
-            try:
-                features += encoder.featurize([item])
-                rows.append(row_of[item.item_id])
-            except InvalidItemError as e:
-                logger.warning("no vector for item %s: %s", item.item_id, e)
-        if features:
-            out[rows] = encoder.encode_features(features)
-            embedded += len(rows)
+        batch = kept[start: start + batch_size]
+        vectors, errors = embed_batch(encoder, batch)  # the reindex job's path: refused items are left out
+        rows = [row_of[it.item_id] for it, err in zip(batch, errors, strict=True) if not err]
+        out[rows] = vectors
+        embedded += len(rows)
     if embedded < len(items):
         logger.info("%d of %d items have no vector under modalities=%s", len(items) - embedded, len(items),
                     modalities)
