@@ -8,6 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """`data` if every key is a field of the dataclass `cls`; else ValueError naming the unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
+    return data
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Shape of the unified encoder; saved as `config.json` beside the weights."""
@@ -64,11 +73,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
         """Build from a dict, refusing keys this version does not know (a typo is not a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown encoder config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**known_fields(cls, data, "encoder config"))
 
     @classmethod
     def from_json(cls, text: str) -> EncoderConfig:

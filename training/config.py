@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from embed.config import EncoderConfig, preset
+from embed.config import EncoderConfig, known_fields, preset
 
 MODALITIES = ("both", "text", "image")
 STAGES = (1, 2, 3)  # unimodal pretraining, image-text alignment, recommendation fine-tuning
@@ -66,11 +66,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**known_fields(cls, data, "training config"))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
