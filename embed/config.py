@@ -33,6 +33,9 @@ class EncoderConfig:
     dropout: float = 0.0
     embed_dim: int = 128  # length of the vector stored in FAISS
     pool: str = "mean"  # "mean" over real tokens and patches (trains far faster from scratch) or "cls"
+    # "unified": one early-fusion transformer (embed/model.py); "stitched": the late-fusion baseline of
+    # separate text and image towers with the same parameter budget (embed/stitched.py)
+    architecture: str = "unified"
     moe_experts: int = 0  # 0: dense FFN; >0 (modality-aware mixture of experts) is not implemented yet
     moe_shared_experts: int = 1
     moe_top_k: int = 1
@@ -48,6 +51,8 @@ class EncoderConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.pool not in ("mean", "cls"):
             raise ValueError(f"pool={self.pool!r} must be 'mean' or 'cls'")
+        if self.architecture not in ("unified", "stitched"):
+            raise ValueError(f"architecture={self.architecture!r} must be 'unified' or 'stitched'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.moe_experts > 0:

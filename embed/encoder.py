@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from embed.batch import collate
+from embed.build import Encoder
 from embed.config import EncoderConfig
 from embed.errors import InvalidItemError
 from embed.images import DEFAULT_MAX_PIXELS, decode_image
 from embed.items import Item
-from embed.model import EncoderInput, UnifiedEncoder
+from embed.model import EncoderInput
 from embed.tokens import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Features:
 class ItemEncoder:
     """Batched, inference-mode embedding of items into unit float32 vectors."""
 
-    def __init__(self, model: UnifiedEncoder, tokenizer: TextTokenizer, device: str | torch.device = "cpu",
+    def __init__(self, model: Encoder, tokenizer: TextTokenizer, device: str | torch.device = "cpu",
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")

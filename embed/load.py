@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from embed.build import Encoder, build_encoder
 from embed.config import EncoderConfig
 from embed.encoder import ItemEncoder
-from embed.model import UnifiedEncoder
 from embed.tokens import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "weights.safetensors"
 ENCODER_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 
 
-def save_encoder(directory: Path, model: UnifiedEncoder, tokenizer: TextTokenizer) -> Path:
+def save_encoder(directory: Path, model: Encoder, tokenizer: TextTokenizer) -> Path:
     """Write the three encoder files into `directory` (created if needed)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(model.config.to_json())
@@ -40,14 +40,14 @@ def find_encoder_dir(root: Path) -> Path:
     return found[0]
 
 
-def load_model(directory: Path) -> tuple[UnifiedEncoder, TextTokenizer]:
+def load_model(directory: Path) -> tuple[Encoder, TextTokenizer]:
     """Rebuild the module and tokenizer from the files; refuses missing or mismatched tensors."""
     directory = find_encoder_dir(directory)
     missing = [f for f in ENCODER_FILES if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(f"encoder directory {directory} lacks {missing}")
     config = EncoderConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    model = UnifiedEncoder(config)
+    model = build_encoder(config)  # config.json names the architecture
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
     return model, TextTokenizer.load(directory / TOKENIZER_FILE)
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embed.build import build_encoder
 from embed.config import EncoderConfig
-from embed.model import EncoderInput, UnifiedEncoder
+from embed.model import EncoderInput
 from embed.tokens import TextTokenizer
 
 
@@ -46,7 +47,7 @@ class EncoderStage(pl.LightningModule):
     def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
                  max_steps: int) -> None:
         super().__init__()
-        self.encoder = UnifiedEncoder(EncoderConfig.from_dict(encoder_config))
+        self.encoder = build_encoder(EncoderConfig.from_dict(encoder_config))  # unified or stitched
 
     def configure_optimizers(self) -> Any:
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n]
