@@ -36,9 +36,11 @@ class EncoderConfig:
     # "unified": one early-fusion transformer (embed/model.py); "stitched": the late-fusion baseline of
     # separate text and image towers with the same parameter budget (embed/stitched.py)
     architecture: str = "unified"
-    moe_experts: int = 0  # 0: dense FFN; >0 (modality-aware mixture of experts) is not implemented yet
-    moe_shared_experts: int = 1
-    moe_top_k: int = 1
+    # Modality-aware mixture of experts (embed/moe.py): 0 = dense FFN; E > 0 routed experts per MoE block.
+    moe_experts: int = 0
+    moe_shared_experts: int = 1  # always-on experts beside the routed ones (0 for none)
+    moe_top_k: int = 1  # routed experts per token
+    moe_every: int = 1  # MoE FFN in every n-th block (2: every other block, GShard-style), dense elsewhere
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -55,12 +57,16 @@ class EncoderConfig:
             raise ValueError(f"architecture={self.architecture!r} must be 'unified' or 'stitched'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.moe_experts > 0:
-            raise ValueError(f"moe_experts={self.moe_experts}: the mixture-of-experts FFN is not implemented yet; "
-                             "use 0 (dense FFN)")
+        if self.moe_shared_experts < 0 or self.moe_every <= 0:
+            raise ValueError(f"moe_shared_experts={self.moe_shared_experts} must be >= 0 and "
+                             f"moe_every={self.moe_every} positive")
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise ValueError(
                 f"moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}] when experts are on")
+
+    def uses_moe(self, block: int) -> bool:
+        """Whether block `block` (0-based) has the mixture-of-experts FFN."""
+        return self.moe_experts > 0 and (block + 1) % self.moe_every == 0
 
     @property
     def grid(self) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embed.config import EncoderConfig
+from embed.moe import ModalityMoE
 
 TEXT, IMAGE = 0, 1  # modality-type ids
 
@@ -36,9 +37,14 @@ class EncoderInput:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block on scaled_dot_product_attention with a key padding mask."""
+    """Pre-norm transformer block on scaled_dot_product_attention with a key padding mask.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    The FFN is dense, or a `ModalityMoE` when `moe` is given; the MoE FFN needs each position's
+    modality id in `forward` (positions without one are routed as text).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float,
+                 moe: ModalityMoE | None = None) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
@@ -47,9 +53,10 @@ class Block(nn.Module):
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout))
+        self.mlp: nn.Module = moe if moe is not None else nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
         qkv = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, S, Dh)
@@ -57,6 +64,9 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(y.transpose(1, 2).reshape(b, s, d))
+        if isinstance(self.mlp, ModalityMoE):
+            kinds = modality if modality is not None else torch.zeros_like(keep, dtype=torch.long)
+            return x + self.mlp(self.norm2(x), keep, kinds)
         return x + self.mlp(self.norm2(x))
 
 
@@ -77,7 +87,7 @@ class UnifiedEncoder(nn.Module):
         # so early optimiser steps on biases cannot drown the content and collapse every item to one vector.
         self.embed_norm = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(
-            Block(d, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth))
+            Block(d, config.heads, config.mlp_ratio, config.dropout, _moe(config, i)) for i in range(config.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.embed_dim)
         # Centre and scale each output dimension over the batch before L2 normalisation (running
@@ -113,8 +123,10 @@ class UnifiedEncoder(nn.Module):
     def hidden_states(self, batch: EncoderInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Final normalised states (B, S, D) and the keep-mask (B, S)."""
         x, keep = self.embed_sequence(batch)
+        t = batch.token_ids.shape[1]
+        modality = (torch.arange(x.shape[1], device=x.device) >= t).long().expand_as(keep)  # (B, S): TEXT, IMAGE
         for block in self.blocks:
-            x = block(x, keep)
+            x = block(x, keep, modality)
         return self.norm(x), keep
 
     def pool(self, states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -133,6 +145,13 @@ class UnifiedEncoder(nn.Module):
         else:
             h = self.out_norm(h)
         return F.normalize(h, dim=-1)
+
+
+def _moe(config: EncoderConfig, block: int) -> ModalityMoE | None:
+    if not config.uses_moe(block):
+        return None
+    return ModalityMoE(config.width, int(config.width * config.mlp_ratio), config.moe_experts,
+                       config.moe_shared_experts, config.moe_top_k, config.dropout)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -12,6 +12,15 @@ from embed.batch import collate
 from embed.config import PRESETS, EncoderConfig, preset
 from embed.images import patchify, to_tensor
 from embed.model import EncoderInput, UnifiedEncoder
+from embed.moe import (
+    ModalityMoE,
+    auxiliary_loss,
+    load_balancing_loss,
+    moe_layers,
+    reset_routing,
+    routing_distance,
+    routing_usage,
+)
 
 
 def _pixels(seed: int, size: int) -> np.ndarray:
@@ -150,3 +159,64 @@ def test_gradients_reach_both_modalities(model: UnifiedEncoder) -> None:
     assert model.token_embed.weight.grad is not None and model.token_embed.weight.grad[20].abs().sum() > 0
     assert model.patch_proj.weight.grad is not None and model.patch_proj.weight.grad.abs().sum() > 0
     assert model.token_embed.weight.grad[0].abs().sum() == 0  # [PAD] never used
+
+
+def _moe_model(tiny_config: EncoderConfig, **overrides: int) -> UnifiedEncoder:
+    torch.manual_seed(0)
+    return UnifiedEncoder(dataclasses.replace(tiny_config, moe_experts=4, moe_top_k=2, **overrides))
+
+
+def test_moe_blocks_follow_moe_every(tiny_config: EncoderConfig) -> None:
+    every = _moe_model(tiny_config)
+    assert [isinstance(b.mlp, ModalityMoE) for b in every.blocks] == [True, True]
+    other = _moe_model(tiny_config, moe_every=2)
+    assert [isinstance(b.mlp, ModalityMoE) for b in other.blocks] == [False, True]
+    layer = other.blocks[1].mlp
+    assert (len(layer.experts), len(layer.shared), layer.top_k) == (4, 1, 2)
+    with pytest.raises(ValueError, match=r"moe_top_k=5 must be in \[1, moe_experts=4\]"):
+        dataclasses.replace(tiny_config, moe_experts=4, moe_top_k=5)
+    with pytest.raises(ValueError, match="moe_every=0"):
+        dataclasses.replace(tiny_config, moe_experts=4, moe_every=0)
+
+
+def test_moe_encoder_is_unit_norm_padding_invariant_and_counts_routing_per_modality(
+        tiny_config: EncoderConfig) -> None:
+    model = _moe_model(tiny_config).eval()
+    size = tiny_config.image_size
+    alone = _encode(model, [[30, 31]], [[_pixels(6, size)]])
+    reset_routing(model)
+    batched = _encode(model, [list(range(40, 40 + tiny_config.max_text_tokens)), [30, 31], []],
+                      [[], [_pixels(6, size)], [_pixels(7, size), _pixels(8, size)]])
+    assert torch.allclose(batched.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert _max_diff(batched[1], alone[0]) <= 1e-5  # padding and batch-mates change no routing
+    usage = torch.stack([layer.stats.usage for layer in moe_layers(model)])  # (L, 2, E) assignment counts
+    n_text = (tiny_config.max_text_tokens + 2) + 4 + 1  # [CLS] tokens [SEP] per text row (the third has [CLS])
+    n_patches = 3 * tiny_config.grid ** 2  # three images' patches
+    assert usage[:, 0].sum(-1).tolist() == [2.0 * n_text] * 2  # top-2: two assignments per real token
+    assert usage[:, 1].sum(-1).tolist() == [2.0 * n_patches] * 2
+    shares = routing_usage(model)
+    assert shares is not None and torch.allclose(shares.sum(-1), torch.ones(2, 2))
+
+
+def test_moe_gradients_reach_every_expert_router_and_modality_bias(tiny_config: EncoderConfig) -> None:
+    model = _moe_model(tiny_config).train()
+    batch = collate([[20, 21, 22]], [[_pixels(0, tiny_config.image_size)]], tiny_config)
+    reset_routing(model)
+    out = model(batch)
+    aux = auxiliary_loss(model)
+    assert aux is not None and aux.requires_grad
+    (out.sum() + aux).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name  # unused experts still get (zero) gradients: DDP needs no unused-parameter scan
+    layer = model.blocks[0].mlp
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.modality_bias.grad.abs().sum() > 0
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed() -> None:
+    uniform = torch.full((8, 4), 0.25)
+    chosen = torch.arange(8).remainder(4)[:, None]  # two tokens on each expert
+    assert float(load_balancing_loss(uniform, chosen)) == pytest.approx(1.0)
+    collapsed = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).expand(8, 4)
+    assert float(load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long))) == pytest.approx(3.88)
+    usage = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    assert routing_distance(usage).tolist() == [1.0, 0.0]
