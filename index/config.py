@@ -8,11 +8,16 @@ KINDS = ("flat", "hnsw", "ivfpq", "auto")
 # `auto` picks exact search while it is cheap, HNSW while it fits in memory, then IVF-PQ.
 AUTO_FLAT_BELOW = 100_000
 AUTO_HNSW_BELOW = 2_000_000
+# Upper bounds of per-query search effort: past them a query costs about an exact scan (or more).
+MAX_EF_SEARCH = 4096
+MAX_NPROBE = 65536
 
 
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+def _check_positive(name: str, value: int, minimum: int = 1, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value!r} must be <= {maximum}")
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,10 @@ class IndexConfig:
             raise ValueError(f"kind={self.kind!r} must be one of {', '.join(KINDS)}")
         _check_positive("hnsw_m", self.hnsw_m, 2)
         _check_positive("ef_construction", self.ef_construction)
-        _check_positive("ef_search", self.ef_search)
+        _check_positive("ef_search", self.ef_search, 1, MAX_EF_SEARCH)
         _check_positive("ivf_nlist", self.ivf_nlist, 0)
         _check_positive("pq_m", self.pq_m)
-        _check_positive("nprobe", self.nprobe)
+        _check_positive("nprobe", self.nprobe, 1, MAX_NPROBE)
         _check_positive("refine_factor", self.refine_factor)
         _check_positive("threads", self.threads, 0)
 
@@ -53,6 +58,6 @@ class SearchParams:
 
     def __post_init__(self) -> None:
         if self.ef_search is not None:
-            _check_positive("ef_search", self.ef_search)
+            _check_positive("ef_search", self.ef_search, 1, MAX_EF_SEARCH)
         if self.nprobe is not None:
-            _check_positive("nprobe", self.nprobe)
+            _check_positive("nprobe", self.nprobe, 1, MAX_NPROBE)

@@ -20,7 +20,7 @@ from service.config import Limits
 from service.errors import ServiceError, exhausted, guarded, invalid, not_found, to_service_error, unavailable
 from service.metrics import Metrics
 from service.snapshot import Snapshot, SnapshotHolder
-from service.validate import check_ids, parse_items, parse_vector
+from service.validate import check_ids, parse_items, parse_search_params, parse_vector
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,13 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         if n > self.limits.max_queries:
             raise exhausted("too_many_queries", f"queries has {n} entries, limit {self.limits.max_queries}")
         k = self._check_k(request.k)
+        params = parse_search_params(request.search)
         snap = self._snapshot()
         vectors, self_ids = self._query_vectors(request, snap, context)
         hits = snap.index.search(vectors, k, exclude=list(request.exclude_item_ids),
                                  attributes_equal=dict(request.filter.attributes_equal) or None,
                                  min_score=request.min_score if request.min_score != 0 else None,
-                                 self_ids=self_ids)
+                                 self_ids=self_ids, params=params)
         self.metrics.batch_size.labels("SimilarItems").observe(n)
         return pb.SimilarItemsResponse(results=[_neighbors(h) for h in hits], model_version=snap.model_version,
                                        index_version=snap.index.index_version)
@@ -158,10 +159,11 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         if len(events) > self.limits.max_ids:
             raise exhausted("history_too_long", f"history has {len(events)} events, limit {self.limits.max_ids}")
         k = self._check_k(request.k)
+        params = parse_search_params(request.search)
         snap = self._snapshot()
         query, seen = _history_vector(events, snap)
         hits = snap.index.search(query[None, :], k, exclude=[*seen, *request.exclude_item_ids],
-                                 attributes_equal=dict(request.filter.attributes_equal) or None)[0]
+                                 attributes_equal=dict(request.filter.attributes_equal) or None, params=params)[0]
         return pb.RecommendForUserResponse(neighbors=[pb.Neighbor(item_id=h.item_id, score=h.score) for h in hits],
                                            model_version=snap.model_version, index_version=snap.index.index_version)
 

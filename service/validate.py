@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from embed.items import Item
+from index.config import MAX_EF_SEARCH, MAX_NPROBE, SearchParams
 from index.ids import MAX_ITEM_ID_BYTES
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.config import Limits
@@ -76,3 +77,14 @@ def parse_vector(values: Sequence[float], dim: int, field: str) -> np.ndarray:
     if norm == 0.0 or not np.isfinite(norm):
         raise invalid("vector_zero", f"{field} is all zeros (or overflows); cannot rank by cosine")
     return vec / norm
+
+
+def parse_search_params(msg: pb.SearchParams, field: str = "search") -> SearchParams | None:
+    """Per-request search effort: 0 keeps the index default; out of range is refused by field name."""
+    for name, value, limit in (("ef_search", msg.ef_search, MAX_EF_SEARCH), ("nprobe", msg.nprobe, MAX_NPROBE)):
+        if not 0 <= value <= limit:
+            raise invalid("search_param_out_of_range",
+                          f"{field}.{name}={value} must be in [0, {limit}] (0: the index default)")
+    if not msg.ef_search and not msg.nprobe:
+        return None
+    return SearchParams(ef_search=msg.ef_search or None, nprobe=msg.nprobe or None)

@@ -56,6 +56,14 @@ class Filter(_message.Message):
     attributes_equal: _containers.ScalarMap[str, str]
     def __init__(self, attributes_equal: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class SearchParams(_message.Message):
+    __slots__ = ("ef_search", "nprobe")
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    ef_search: int
+    nprobe: int
+    def __init__(self, ef_search: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+
 class Neighbor(_message.Message):
     __slots__ = ("item_id", "score")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -125,20 +133,22 @@ class Query(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., item: _Optional[_Union[Item, _Mapping]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
-    __slots__ = ("queries", "k", "exclude_item_ids", "filter", "min_score", "model_version")
+    __slots__ = ("queries", "k", "exclude_item_ids", "filter", "min_score", "model_version", "search")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     filter: Filter
     min_score: float
     model_version: str
-    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    search: SearchParams
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., model_version: _Optional[str] = ..., search: _Optional[_Union[SearchParams, _Mapping]] = ...) -> None: ...
 
 class SimilarItemsResponse(_message.Message):
     __slots__ = ("results", "model_version", "index_version")
@@ -161,16 +171,18 @@ class HistoryEvent(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., weight: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class RecommendForUserRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude_item_ids", "filter")
+    __slots__ = ("history", "k", "exclude_item_ids", "filter", "search")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     filter: Filter
-    def __init__(self, history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+    search: SearchParams
+    def __init__(self, history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., search: _Optional[_Union[SearchParams, _Mapping]] = ...) -> None: ...
 
 class RecommendForUserResponse(_message.Message):
     __slots__ = ("neighbors", "model_version", "index_version")
