@@ -44,6 +44,10 @@ class ServiceConfig:
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # requests waiting for the encoder before RESOURCE_EXHAUSTED
     poll_seconds: float = 30.0  # how often the watcher looks for a new model/index pair; 0 disables
+    registry_timeout_s: float = 5.0  # each registry lookup of the watcher: one try, this long (never on a request)
+    # Calls in flight beyond this are refused at once with RESOURCE_EXHAUSTED (health and reflection are
+    # exempt and keep spare handler threads); None: no limit, calls wait for a handler thread.
+    max_concurrent_rpcs: int | None = None
     metrics_port: int | None = None
     cache_dir: Path = Path(".onetower-cache")
     auth_token: str | None = None  # set: every RPC but health and reflection needs `authorization: Bearer <token>`
@@ -60,3 +64,7 @@ class ServiceConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.poll_seconds < 0:
             raise ValueError(f"poll_seconds={self.poll_seconds} must be >= 0")
+        if self.registry_timeout_s <= 0:
+            raise ValueError(f"registry_timeout_s={self.registry_timeout_s} must be > 0")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs={self.max_concurrent_rpcs} must be >= 1 (or None for no limit)")

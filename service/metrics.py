@@ -23,6 +23,10 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.queue_depth = Gauge("onetower_encode_queue_depth", "requests waiting for the encoder", registry=r)
         self.index_items = Gauge("onetower_index_items", "live items in the served index", registry=r)
+        self.in_flight = Gauge("onetower_in_flight_rpcs", "calls being handled (health and reflection excluded)",
+                               registry=r)
+        self.shed = Counter("onetower_shed", "calls refused by the concurrency limit (RESOURCE_EXHAUSTED)",
+                            ["method"], registry=r)
         self.model_version = Gauge("onetower_model_version", "served model version (1 for the served one)",
                                    ["model", "version", "index_version"], registry=r)
 
