@@ -9,6 +9,9 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
 logger = logging.getLogger(__name__)
 
@@ -23,23 +26,50 @@ class ModelRef:
     source: str  # models:/NAME/VERSION, or the local directory
 
 
-def lookup_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
-    """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a local directory (no download)."""
+def lookup_model(uri: str, tracking_uri: str | None = None, timeout_s: float | None = None) -> ModelRef:
+    """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a local directory (no download).
+
+    Args:
+        timeout_s: for an HTTP registry, one request bounded by this many seconds, no retries (the
+            watcher's polls: an outage costs one short wait per poll). None: MLflow's own client, with
+            its retries and backoff (`MLFLOW_HTTP_REQUEST_*`), e.g. at startup.
+
+    Raises:
+        MlflowException: the registry refused or could not be reached.
+        FileNotFoundError: `uri` is neither a registry reference nor a directory.
+    """
     if not uri.startswith("models:/"):
         path = Path(uri)
         if not path.is_dir():
             raise FileNotFoundError(f"model {uri!r} is neither models:/NAME@ALIAS nor an encoder directory")
         return ModelRef(name=path.name, version=f"local:{path.resolve()}", alias="", source=str(path))
     body = uri.removeprefix("models:/")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if "@" in body:
         name, alias = body.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
+        version = ""
     else:
         name, _, version = body.partition("/")
         alias = ""
-        mv = client.get_model_version(name, version)
-    return ModelRef(name=name, version=str(mv.version), alias=alias, source=f"models:/{name}/{mv.version}")
+    registry = tracking_uri or mlflow.get_tracking_uri()
+    if timeout_s is not None and registry.startswith(("http://", "https://")):
+        version = _rest_version(registry, name, alias, version, timeout_s)
+    else:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        version = str(mv.version)
+    return ModelRef(name=name, version=version, alias=alias, source=f"models:/{name}/{version}")
+
+
+def _rest_version(registry: str, name: str, alias: str, version: str, timeout_s: float) -> str:
+    """The version an alias (or version) names, by one REST call of at most `timeout_s` seconds."""
+    endpoint, params = (("/api/2.0/mlflow/registered-models/alias", {"name": name, "alias": alias}) if alias
+                        else ("/api/2.0/mlflow/model-versions/get", {"name": name, "version": version}))
+    response = http_request(get_default_host_creds(registry), endpoint, "GET", max_retries=0, backoff_factor=0,
+                            timeout=timeout_s, params=params)
+    if response.status_code != 200:
+        raise MlflowException(f"registry {registry} answered {response.status_code} to {endpoint} {params}: "
+                              f"{response.text[:300]}")
+    return str(response.json()["model_version"]["version"])
 
 
 def download_model(ref: ModelRef, cache_dir: Path, tracking_uri: str | None = None) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,17 +63,21 @@ class SnapshotHolder:
     def current(self) -> Snapshot | None:
         return self._current
 
-    def refresh(self) -> bool:
+    def refresh(self, registry_timeout_s: float | None = None) -> bool:
         """Load the pair the registry and `CURRENT` name, if it differs from the served one.
+
+        Args:
+            registry_timeout_s: bound on the registry lookup (see `lookup_model`); None: MLflow's retries.
 
         Returns:
             True when a new snapshot is now served.
 
         Raises:
             PairMismatchError: when the index was built with another model version.
+            MlflowException: the registry could not be reached or refused.
         """
         with self._swap_lock:
-            ref = lookup_model(self.config.model_uri, self.config.tracking_uri)
+            ref = lookup_model(self.config.model_uri, self.config.tracking_uri, registry_timeout_s)
             root = self.config.index_root
             version = find_version_for_model(root, ref.version)
             if version is None:
@@ -94,7 +99,9 @@ class SnapshotHolder:
                                   embed_fn=lambda records: _embed_records(encoder, records))
                 self._current = Snapshot(model=ref, encoder=encoder, index=index)
             logger.info("serving model %s version %s with index %s (%s, %d items)", ref.name, ref.version,
-                        index.index_version, index.kind, len(index))
+                        index.index_version, index.kind, len(index),
+                        extra={"model_name": ref.name, "model_version": ref.version,
+                               "index_version": index.index_version, "items": len(index)})
             return True
 
     def close(self) -> None:
@@ -113,11 +120,18 @@ def _embed_records(encoder: ItemEncoder, records: Sequence[LogRecord]) -> np.nda
 
 
 class Watcher:
-    """Background thread that calls `holder.refresh()` every `poll_seconds`; errors are logged, not raised."""
+    """Background thread that calls `holder.refresh()` every `poll_seconds`; errors are logged, not raised.
 
-    def __init__(self, holder: SnapshotHolder, poll_seconds: float) -> None:
+    Requests never wait for it: they read `holder.current`. Each registry lookup is one request bounded
+    by `registry_timeout_s`, so an outage costs the watcher one short wait per poll. An outage is
+    logged once as a warning when it starts and once when it ends (every failed poll at DEBUG).
+    """
+
+    def __init__(self, holder: SnapshotHolder, poll_seconds: float, registry_timeout_s: float = 5.0) -> None:
         self.holder = holder
         self.poll_seconds = poll_seconds
+        self.registry_timeout_s = registry_timeout_s
+        self.failing_since: float | None = None  # time.monotonic() of the first failed poll of an outage
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="onetower-watcher", daemon=True)
 
@@ -127,12 +141,37 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):
-            try:
-                self.holder.refresh()
-            except PairMismatchError as e:
-                logger.warning("not swapping: %s", e)
-            except Exception:  # a registry or disk outage must never stop serving
-                logger.exception("refresh failed; still serving the previous snapshot")
+            self.poll()
+
+    def poll(self) -> None:
+        """One refresh; failures are logged and leave the served snapshot in place."""
+        try:
+            self.holder.refresh(self.registry_timeout_s)
+        except PairMismatchError as e:
+            self._recovered()
+            logger.warning("not swapping: %s", e)
+        except Exception as e:  # noqa: BLE001 - a registry or disk outage must never stop serving
+            self._failed(e)
+        else:
+            self._recovered()
+
+    def _served(self) -> dict[str, str]:
+        snap = self.holder.current
+        return {"model_version": snap.model_version, "index_version": snap.index.index_version} if snap else {}
+
+    def _failed(self, error: Exception) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            logger.warning("registry or index unavailable, still serving the previous snapshot: %s",
+                           str(error).splitlines()[0][:300], extra={"event": "outage_started", **self._served()})
+        logger.debug("refresh failed", exc_info=True)
+
+    def _recovered(self) -> None:
+        if self.failing_since is not None:
+            seconds = time.monotonic() - self.failing_since
+            self.failing_since = None
+            logger.info("registry reachable again after %.1fs", seconds,
+                        extra={"event": "outage_ended", "outage_s": round(seconds, 1), **self._served()})
 
     def stop(self) -> None:
         self._stop.set()
