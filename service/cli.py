@@ -16,6 +16,7 @@ from rich.table import Table
 
 from service.client import Client, Neighbor
 from service.config import DEFAULT_PORT, ServiceConfig
+from service.logs import FORMATS, set_format
 from service.server import RunningServer, start_server
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,14 @@ def serve(
     = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS only.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    max_concurrent_rpcs: Annotated[int | None, typer.Option(
+        envvar="ONETOWER_MAX_CONCURRENT_RPCS", min=1,
+        help="Refuse calls beyond this many in flight at once with RESOURCE_EXHAUSTED (health is exempt).")]
+    = None,
+    registry_timeout: Annotated[float, typer.Option(
+        help="Seconds the watcher waits for the registry per poll (one try; requests never wait).")] = 5.0,
+    log_format: Annotated[str | None, typer.Option(
+        envvar="ONETOWER_LOG_FORMAT", help=f"Log lines on stderr: {' or '.join(FORMATS)}.")] = None,
 ) -> None:
     """Serve the gRPC API for the model the registry alias names and the index published for it.
 
@@ -67,9 +76,11 @@ def serve(
     Health (grpc.health.v1) answers NOT_SERVING until model and index are loaded; reflection is on,
     so `grpcurl -plaintext localhost:50051 list` shows the API. SIGTERM or Ctrl-C stops gracefully.
     """
+    set_format(log_format)
     config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
                            workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
-                           cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+                           cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                           max_concurrent_rpcs=max_concurrent_rpcs, registry_timeout_s=registry_timeout)
     running = start_server(config)
     console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
     serve_until_signal(running)
