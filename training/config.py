@@ -9,6 +9,7 @@ from typing import Any
 from embed.config import EncoderConfig, known_fields, preset
 
 MODALITIES = ("both", "text", "image")
+PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")  # Lightning's names
 STAGES = (1, 2, 3)  # unimodal pretraining, image-text alignment, recommendation fine-tuning
 
 
@@ -36,7 +37,9 @@ class TrainConfig:
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    precision: str = "32-true"  # "bf16-mixed": bf16 autocast (GPUs; CPUs with bf16 support train too, slowly)
+    compile: bool = False  # torch.compile each encoder block (GPU runs; needs a C compiler on CPU)
+    moe_aux_weight: float = 0.01  # weight of the MoE load-balancing loss (Switch Transformer's 0.01)
     log_every_n_steps: int = 10
     experiment: str = "onetower"
 
@@ -53,6 +56,10 @@ class TrainConfig:
             raise ValueError(f"temperature={self.temperature} must be in (0, 1]")
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities={self.modalities!r} must be one of {list(MODALITIES)}")
+        if self.moe_aux_weight < 0:
+            raise ValueError(f"moe_aux_weight={self.moe_aux_weight} must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
         self.encoder_config()  # validates the size name and overrides early

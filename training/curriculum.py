@@ -25,7 +25,7 @@ from embed.load import save_encoder
 from training.config import STAGES, TrainConfig
 from training.features import AlignmentCollator, ItemFeatures, RowDataset, UnimodalCollator, rows_with
 from training.stages import AlignmentStage, EncoderStage, UnimodalPretrainStage, init_from
-from training.train import TrainResult, build_trainer, prepare_features, recommendation_setup
+from training.train import TrainResult, build_trainer, compile_encoder, prepare_features, recommendation_setup
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +66,29 @@ def run_stages(catalog: Path, interactions: Path, out_dir: Path, config: TrainCo
         module, loader = _stage_setup(stage, features, interactions, enc_config, config, steps)
         if encoder_state is not None:
             init_from(module, encoder_state)
+        if config.compile:
+            compile_encoder(module.encoder)
         mlf.prefix = f"stage{stage}."
         stage_dir = out_dir / f"stage{stage}"
-        trainer = build_trainer(config.replace(max_steps=steps), stage_dir, mlf, progress_bar)
+        trainer, throughput = build_trainer(config.replace(max_steps=steps), stage_dir, mlf, progress_bar)
         last = stage_dir / "checkpoints" / "last.ckpt"
         trainer.fit(module, loader, ckpt_path=last if resume and last.is_file() else None)
         loss = float(trainer.callback_metrics.get(STAGE_LOSS[stage], torch.tensor(float("nan"))))
         metrics[f"stage{stage}_loss"] = loss
+        metrics[f"stage{stage}_items_per_s"] = throughput.items_per_s
         mlf.log_metrics({f"stage{stage}/loss": loss}, step=trainer.global_step)
-        logger.info("stage %d: %d steps, final loss %.4f", stage, trainer.global_step, loss)
+        logger.info("stage %d: %d steps, final loss %.4f, %.1f items/s", stage, trainer.global_step, loss,
+                    throughput.items_per_s)
         encoder_state = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}
     assert module is not None  # stages is non-empty
     elapsed = time.perf_counter() - started
-    encoder_dir = save_encoder(out_dir / "encoder", module.encoder, tokenizer)
+    encoder_dir = out_dir / "encoder"
+    if trainer.is_global_zero:  # one writer of the weights under DDP
+        save_encoder(encoder_dir, module.encoder, tokenizer)
     metrics |= {"train_loss": metrics[f"stage{stages[-1]}_loss"], "train_seconds": elapsed}
     mlf.log_metrics({"train_loss": metrics["train_loss"], "train_seconds": elapsed})
-    return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics)
+    return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics,
+                       is_global_zero=trainer.is_global_zero)
 
 
 class _StageLogger(MLFlowLogger):
@@ -107,13 +114,15 @@ def _stage_setup(stage: int, features: ItemFeatures, interactions: Path, enc_con
     if stage == 1:
         rows = rows_with(features, text=False, image=False)
         collator: UnimodalCollator | AlignmentCollator = UnimodalCollator(features)
-        module = UnimodalPretrainStage(encoder, config.lr, config.weight_decay, warmup, steps)
+        module = UnimodalPretrainStage(encoder, config.lr, config.weight_decay, warmup, steps,
+                                       moe_aux_weight=config.moe_aux_weight)
     else:
         rows = rows_with(features, text=True, image=True)
         if len(rows) < 2:
             raise ValueError(f"stage 2 needs >= 2 items with both text and an image, got {len(rows)}")
         collator = AlignmentCollator(features)
-        module = AlignmentStage(encoder, config.lr, config.weight_decay, warmup, steps, config.temperature)
+        module = AlignmentStage(encoder, config.lr, config.weight_decay, warmup, steps, config.temperature,
+                                moe_aux_weight=config.moe_aux_weight)
     loader: torch.utils.data.DataLoader[int] = torch.utils.data.DataLoader(
         RowDataset(rows), batch_size=min(config.batch_size, len(rows)), shuffle=True,
         drop_last=len(rows) > config.batch_size, collate_fn=collator, num_workers=config.num_workers,

@@ -13,6 +13,7 @@ from torch import nn
 from embed.build import build_encoder
 from embed.config import EncoderConfig
 from embed.model import EncoderInput
+from embed.moe import auxiliary_loss, reset_routing, routing_distance, routing_usage
 from embed.tokens import TextTokenizer
 
 
@@ -42,12 +43,37 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class EncoderStage(pl.LightningModule):
-    """Shared plumbing: the encoder and AdamW with warm-up + cosine (subclasses save hyper-parameters)."""
+    """Shared plumbing: the encoder, AdamW with warm-up + cosine, and the MoE auxiliary loss and routing
+    statistics (subclasses save hyper-parameters and end `training_step` with `self.with_moe(loss, size)`).
+    """
 
     def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
-                 max_steps: int) -> None:
+                 max_steps: int, moe_aux_weight: float = 0.01) -> None:
         super().__init__()
+        if moe_aux_weight < 0:
+            raise ValueError(f"moe_aux_weight={moe_aux_weight} must be >= 0")
+        self.moe_aux_weight = moe_aux_weight
         self.encoder = build_encoder(EncoderConfig.from_dict(encoder_config))  # unified or stitched
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        reset_routing(self.encoder)  # routing statistics and load-balancing losses are per step
+
+    def with_moe(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """`loss` + `moe_aux_weight` x this step's load-balancing loss, logging how tokens were routed.
+
+        Logs `moe/aux`, `moe/routing_tv` (total-variation distance between the text and the image
+        tokens' expert distributions, mean over MoE layers) and `moe/{text,image}_expert<e>` (share of
+        that modality's assignments per expert, mean over layers). A dense encoder adds and logs nothing.
+        """
+        aux, usage = auxiliary_loss(self.encoder), routing_usage(self.encoder)
+        if aux is None or usage is None:
+            return loss
+        self.log("moe/aux", aux, batch_size=batch_size)
+        self.log("moe/routing_tv", routing_distance(usage).mean(), batch_size=batch_size)
+        for kind, shares in zip(("text", "image"), usage.mean(0), strict=True):
+            for e, share in enumerate(shares):
+                self.log(f"moe/{kind}_expert{e}", share, batch_size=batch_size)
+        return loss + self.moe_aux_weight * aux
 
     def configure_optimizers(self) -> Any:
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -63,8 +89,9 @@ class RecommendationStage(EncoderStage):
     """Stage 3: items co-engaged by the same user are positives; in-batch softmax with logQ correction."""
 
     def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
-                 max_steps: int, temperature: float, log_q: list[float] | None = None) -> None:
-        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps)
+                 max_steps: int, temperature: float, log_q: list[float] | None = None,
+                 moe_aux_weight: float = 0.01) -> None:
+        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps, moe_aux_weight)
         self.save_hyperparameters(ignore=["log_q"])  # one value per item: not a hyper-parameter
         self.temperature = temperature
         self.register_buffer("log_q", torch.tensor(log_q) if log_q is not None else None, persistent=False)
@@ -77,7 +104,7 @@ class RecommendationStage(EncoderStage):
         loss = 0.5 * (sampled_softmax_loss(a, p, p_rows, log_q, self.temperature)
                       + sampled_softmax_loss(p, a, a_rows, log_q, self.temperature))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(a_rows))
-        return loss
+        return self.with_moe(loss, len(a_rows))
 
 
 def init_from(module: EncoderStage, encoder_state_dict: dict[str, torch.Tensor]) -> EncoderStage:
@@ -96,8 +123,9 @@ class UnimodalPretrainStage(EncoderStage):
     """
 
     def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
-                 max_steps: int, token_mask_rate: float = 0.15, patch_mask_rate: float = 0.4) -> None:
-        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps)
+                 max_steps: int, token_mask_rate: float = 0.15, patch_mask_rate: float = 0.4,
+                 moe_aux_weight: float = 0.01) -> None:
+        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps, moe_aux_weight)
         self.save_hyperparameters()
         for name, rate in (("token_mask_rate", token_mask_rate), ("patch_mask_rate", patch_mask_rate)):
             if not 0.0 < rate < 1.0:
@@ -141,7 +169,7 @@ class UnimodalPretrainStage(EncoderStage):
         self.log("stage1/loss", loss, prog_bar=True, batch_size=size)
         self.log("stage1/mlm", mlm, batch_size=size)
         self.log("stage1/mpr", mpr, batch_size=size)
-        return loss
+        return self.with_moe(loss, size)
 
 
 class AlignmentStage(EncoderStage):
@@ -153,8 +181,8 @@ class AlignmentStage(EncoderStage):
     """
 
     def __init__(self, encoder_config: dict[str, Any], lr: float, weight_decay: float, warmup_steps: int,
-                 max_steps: int, temperature: float, itm_weight: float = 1.0) -> None:
-        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps)
+                 max_steps: int, temperature: float, itm_weight: float = 1.0, moe_aux_weight: float = 0.01) -> None:
+        super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps, moe_aux_weight)
         self.save_hyperparameters()
         self.temperature = temperature
         self.itm_head = nn.Linear(self.encoder.config.width, 1)
@@ -187,4 +215,4 @@ class AlignmentStage(EncoderStage):
         self.log("stage2/loss", loss, prog_bar=True, batch_size=len(rows))
         self.log("stage2/nce", nce, batch_size=len(rows))
         self.log("stage2/itm", itm, batch_size=len(rows))
-        return loss
+        return self.with_moe(loss, len(rows))

@@ -18,11 +18,13 @@ from pytorch_lightning.loggers import MLFlowLogger
 from embed.config import EncoderConfig
 from embed.items import Item
 from embed.load import save_encoder
+from embed.model import Block
 from embed.tokens import TextTokenizer
 from training.config import MODALITIES, TrainConfig
 from training.data import iter_items, read_catalog, read_interactions
 from training.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
 from training.stages import RecommendationStage
+from training.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class TrainResult:
     encoder_dir: Path
     run_id: str
     metrics: dict[str, float]
+    is_global_zero: bool = True  # False in the other processes of a DDP run: they save and register nothing
 
 
 def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
@@ -46,20 +49,25 @@ def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
     started = time.perf_counter()
     tokenizer, enc_config, features = prepare_features(catalog, config)
     module, loader = recommendation_setup(features, interactions, enc_config, config, config.max_steps)
+    if config.compile:
+        compile_encoder(module.encoder)
     logger.info("prepared %d items in %.1fs", len(features), time.perf_counter() - started)
     mlf = MLFlowLogger(experiment_name=config.experiment, tracking_uri=mlflow.get_tracking_uri(),
                        run_name=f"train-{enc_config.width}w{enc_config.depth}d")
-    trainer = build_trainer(config, out_dir, mlf, progress_bar)
+    trainer, throughput = build_trainer(config, out_dir, mlf, progress_bar)
     mlf.log_hyperparams({f"train.{k}": v for k, v in dataclasses.asdict(config).items()})
     trainer.fit(module, loader)
     elapsed = time.perf_counter() - started
-    encoder_dir = save_encoder(out_dir / "encoder", module.encoder, tokenizer)
+    encoder_dir = out_dir / "encoder"
+    if trainer.is_global_zero:  # one writer of the weights under DDP
+        save_encoder(encoder_dir, module.encoder, tokenizer)
     loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
-    metrics = {"train_loss": loss, "train_seconds": elapsed,
-               "pairs_per_second": trainer.global_step * config.batch_size / max(elapsed, 1e-9)}
+    metrics = {"train_loss": loss, "train_seconds": elapsed, "items_per_s": throughput.items_per_s,
+               "pairs_per_second": trainer.global_step * config.batch_size * trainer.world_size / max(elapsed, 1e-9)}
     mlf.log_metrics(metrics, step=trainer.global_step)
     logger.info("trained %d steps in %.1fs, final loss %.4f", trainer.global_step, elapsed, loss)
-    return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics)
+    return TrainResult(encoder_dir=encoder_dir, run_id=str(mlf.run_id), metrics=metrics,
+                       is_global_zero=trainer.is_global_zero)
 
 
 def prepare_features(catalog: Path, config: TrainConfig) -> tuple[TextTokenizer, EncoderConfig, ItemFeatures]:
@@ -87,7 +95,7 @@ def recommendation_setup(features: ItemFeatures, interactions: Path, enc_config:
     module = RecommendationStage(
         encoder_config=dataclasses.asdict(enc_config), lr=config.lr, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps, max_steps=max_steps, temperature=config.temperature,
-        log_q=pairs.log_q.tolist() if config.logq_correction else None)
+        log_q=pairs.log_q.tolist() if config.logq_correction else None, moe_aux_weight=config.moe_aux_weight)
     return module, loader
 
 
@@ -108,9 +116,22 @@ def restrict_modalities(items: Iterable[Item], modalities: str) -> list[Item]:
     return [it for it in kept if it.has_text or it.images]
 
 
-def build_trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger, progress_bar: bool) -> pl.Trainer:
-    """A Trainer for `config.max_steps` steps, keeping the last checkpoint under `out_dir/checkpoints`."""
-    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True)]
+def compile_encoder(encoder: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (parameter names, hence checkpoints, unchanged).
+
+    Blocks rather than the whole module, so every stage's path (`forward`, `hidden_states`) is compiled.
+    """
+    for module in encoder.modules():
+        if isinstance(module, Block):  # the unified encoder's blocks and each stitched tower's
+            module.compile()
+
+
+def build_trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger,
+                  progress_bar: bool) -> tuple[pl.Trainer, Throughput]:
+    """A Trainer for `config.max_steps` steps, keeping the last checkpoint under `out_dir/checkpoints`,
+    and its throughput callback (items/s)."""
+    throughput = Throughput()
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True), throughput]
     if progress_bar:
         callbacks.append(RichProgressBar())
     return pl.Trainer(
@@ -118,4 +139,4 @@ def build_trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger, progres
         num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,  # type: ignore[arg-type]
         logger=mlf, callbacks=callbacks, log_every_n_steps=config.log_every_n_steps,
         enable_progress_bar=progress_bar, default_root_dir=out_dir, enable_model_summary=False,
-        max_epochs=-1)
+        max_epochs=-1), throughput

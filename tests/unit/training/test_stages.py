@@ -16,6 +16,8 @@ import torch
 from embed.config import EncoderConfig
 from embed.items import Item
 from embed.load import load_encoder
+from embed.model import IMAGE, TEXT, EncoderInput
+from embed.moe import reset_routing, routing_usage
 from training.config import TrainConfig
 from training.curriculum import run_stages
 from training.data import iter_items, read_catalog
@@ -89,6 +91,48 @@ def test_alignment_retrieves_the_text_view_of_an_image_above_chance(
     hits = int((images @ texts.T).argmax(1).eq(torch.arange(len(rows))).sum())
     # measured 13 of 120 (chance: 1 expected; >= 4 by chance has p ~ 2%)
     assert hits >= 4, f"recall@1 {hits}/{len(rows)}"
+
+
+def _routing(module: pl.LightningModule, batch: EncoderInput, kind: int) -> torch.Tensor:
+    """(layers, E) share of the batch's `kind` tokens (TEXT or IMAGE) routed to each expert, from the model's
+    own counters (an image-only batch still has one text token per item, its [CLS])."""
+    reset_routing(module.encoder)
+    with torch.no_grad():
+        module.encoder.hidden_states(batch)
+    usage = routing_usage(module.encoder)
+    assert usage is not None
+    return usage[:, kind]
+
+
+def _tv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a - b).abs().sum(-1)
+
+
+def test_moe_trains_and_routes_text_and_image_tokens_to_different_experts(
+        prepared: tuple[EncoderConfig, ItemFeatures]) -> None:
+    enc_config, features = prepared
+    moe = dataclasses.replace(enc_config, moe_experts=4, moe_top_k=1, moe_every=2)  # MoE in the last of 2 blocks
+    pl.seed_everything(0)
+    module = UnimodalPretrainStage(dataclasses.asdict(moe), lr=3e-3, weight_decay=0.05, warmup_steps=5,
+                                   max_steps=40)
+    rows = rows_with(features, text=True, image=True)
+    at_init = _tv(_routing(module, features.text_only(rows), TEXT), _routing(module, features.image_only(rows), IMAGE))
+    losses = _fit(module, rows_with(features, text=False, image=False), UnimodalCollator(features), 40, 32)
+    first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
+    assert last < 0.75 * first, (first, last)  # measured 6.49 -> 4.06 (loss includes 0.01 x load balancing)
+    module.eval()
+    half_a, half_b = rows[::2], rows[1::2]
+    text = _routing(module, features.text_only(rows), TEXT)
+    image = _routing(module, features.image_only(rows), IMAGE)
+    # Null: the same modality on two disjoint halves of the items differs only by sampling noise.
+    noise = torch.maximum(
+        _tv(_routing(module, features.text_only(half_a), TEXT), _routing(module, features.text_only(half_b), TEXT)),
+        _tv(_routing(module, features.image_only(half_a), IMAGE), _routing(module, features.image_only(half_b), IMAGE)))
+    across = _tv(text, image)
+    print(f"loss {first:.2f} -> {last:.2f}; routing TV text vs image {across.tolist()} (at init {at_init.tolist()}), "
+          f"same modality across item halves {noise.tolist()}; text {text.tolist()} image {image.tolist()}")
+    # measured: TV 0.31 (0.20 at init) vs 0.07 between two halves of the items in the same modality
+    assert float(across.max()) > 0.1 and bool((across > 3 * noise).all()), (across, noise)
 
 
 def test_init_from_copies_encoder_weights_between_stages(prepared: tuple[EncoderConfig, ItemFeatures]) -> None:
