@@ -66,12 +66,13 @@ class _ImageTower(nn.Module):
 class StitchedEncoder(nn.Module):
     """Separate text and image transformers; pooled outputs concatenated and projected (late fusion)."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, width: int | None = None) -> None:
+        """`width`: the towers' width; by default the one that matches the unified encoder's parameters."""
         super().__init__()
         if config.moe_experts > 0:
             raise ValueError(f"moe_experts={config.moe_experts}: the stitched baseline has dense FFNs only; use 0")
         self.config = config
-        self.width = tower_width(config)
+        self.width = width or tower_width(config)
         self.text = _TextTower(config, self.width)
         self.image = _ImageTower(config, self.width)
         self.head = nn.Linear(2 * self.width, config.embed_dim)  # concat(text, image) -> embed_dim
