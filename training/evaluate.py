@@ -15,7 +15,13 @@ Protocol (DESIGN.md section 3, "Evaluation"):
   history vector is zero gets nothing (misses). Ties are broken arbitrarily.
 - **Metrics**: targets are the user's distinct cold items. Recall@K = hits in the top K / targets;
   NDCG@K has binary gains, 1/log2(rank + 1) discounts and the ideal of min(K, targets) hits first.
-  Both are averaged over users; 95% CIs are percentile bootstraps over users.
+  Both are averaged over users; 95% CIs are percentile bootstraps over users. Native versus each
+  baseline is a paired bootstrap: the same resampled users for both, CI of the mean difference.
+- **Models**: native (the unified encoder), text_only and image_only (the same encoder trained and
+  embedded with one modality dropped), stitched (separate text and image towers, late fusion, same
+  parameter count: embed/stitched.py) are trained by one `train` call each on the same data, steps
+  and config; stitched_pretrained (training/baselines.py) is frozen MiniLM + EfficientNet-Lite0;
+  popularity and random need no training.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import polars as pl
 
 from embed.items import Item
 from embed.load import load_encoder
+from training.baselines import BaselineUnavailable, PretrainedStitchedEncoder
 from training.config import TrainConfig
 from training.data import iter_items, read_catalog, read_interactions
 from training.reindex import embed_items as embed_batch
@@ -44,8 +51,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 50)
 HALF_LIFE_DAYS = 7.0  # as service/servicer.py HALF_LIFE_MS
-MODELS = ("native", "text_only", "image_only", "popularity", "random")
-TRAINED = {"native": "both", "text_only": "text", "image_only": "image"}  # model -> TrainConfig.modalities
+MODELS = ("native", "text_only", "image_only", "stitched", "stitched_pretrained", "popularity", "random")
+# trained model -> (TrainConfig.modalities, EncoderConfig.architecture)
+TRAINED = {"native": ("both", "unified"), "text_only": ("text", "unified"), "image_only": ("image", "unified"),
+           "stitched": ("both", "stitched")}
 _CHUNK_CELLS = 1 << 22  # users x items per dense score block: about 50 MB of scratch
 
 
@@ -265,21 +274,25 @@ def embed_items(encoder_dir: Path, items: Sequence[Item], modalities: str = "bot
 def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, models: Sequence[str] = MODELS,
                    seeds: Sequence[int] = (0,), ks: Sequence[int] = DEFAULT_KS, n_bootstrap: int = 200,
                    holdout_items: float | None = None, preset: str | None = None, device: str = "cpu",
-                   progress_bar: bool = False) -> dict[str, Any]:
+                   progress_bar: bool = False, log_to_mlflow: bool = False) -> dict[str, Any]:
     """Train what `models` need, embed the catalog, score the cold-start protocol; write metrics, report, plots.
 
-    Every trained model (native, text_only, image_only) is `train` with `config` (same data and steps),
-    differing only in `modalities`; training runs log to the active MLflow tracking URI.
+    Every trained model (native, text_only, image_only, stitched) is `train` with `config` (same data and
+    steps), differing only in `modalities` or `architecture`; training runs log to the active MLflow
+    tracking URI. A baseline whose optional packages are missing (stitched_pretrained) is reported as
+    `{"skipped": reason}` instead of failing the run.
 
     Args:
         data: a dataset directory (`onetower synth` layout) or the files.
         holdout_items: hold out this fraction of the interacted items as cold (for data without a
             holdout file); the split goes to `out_dir/split/`.
         seeds: one training (and random-baseline) seed per run; per-user metrics are averaged over seeds.
+        log_to_mlflow: also log the report files and native's metrics as an MLflow run `evaluate-<preset>`.
 
     Returns:
         What `out_dir/metrics.json` holds: {"preset", "seeds", "ks", "models": {name: {"recall@20",
-        "recall@20_ci", "ndcg@20", ..., "groups": {...}}}, ...}, plus "files" written.
+        "recall@20_ci", "ndcg@20", ..., "groups": {...}}}, "paired": {baseline: {"recall@20_diff",
+        "recall@20_diff_ci", ...}}, ...}, plus "files" written.
     """
     data = EvalData.from_dir(Path(data)) if not isinstance(data, EvalData) else data
     unknown = sorted(set(models) - set(MODELS))
@@ -293,33 +306,91 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
     item_ids = [it.item_id for it in items]
     groups = preference_groups(pl.read_parquet(data.preferences)) if data.preferences is not None else None
     runs: dict[str, list[UserMetrics]] = {name: [] for name in models}
-    seconds: dict[str, float] = dict.fromkeys(models, 0.0)
-    pca: np.ndarray | None = None
+    info: dict[str, dict[str, Any]] = {name: {"seconds": 0.0} for name in models}
+    native: np.ndarray | None = None
     for seed in seeds:
         for name in models:
+            if "skipped" in info[name]:
+                continue
             started = time.perf_counter()
-            vectors = _model_vectors(name, seed, data.catalog, train_path, train_frame, items, out_dir, config,
-                                     device, progress_bar)
+            try:
+                vectors, extra = _model_vectors(name, seed, data.catalog, train_path, train_frame, items, out_dir,
+                                                config, device, progress_bar)
+            except BaselineUnavailable as e:
+                logger.warning("%s skipped: %s", name, e)
+                info[name] = {"skipped": str(e)}
+                continue
             runs[name].append(user_metrics(vectors, item_ids, train_frame, holdout_frame, ks))
-            seconds[name] += time.perf_counter() - started
-            if pca is None and name == "native":
-                pca = vectors
+            info[name]["seconds"] += time.perf_counter() - started
+            info[name].update(extra)
+            if native is None and name == "native":
+                native = vectors
             logger.info("%s (seed %d): recall@%d %.4f", name, seed, max(ks),
                         float(runs[name][-1].values[f"recall@{max(ks)}"].mean()))
-    results = {name: {**_combine(runs[name], n_bootstrap, seeds[0], groups), "seconds": round(seconds[name], 1)}
-               for name in models}
-    first = runs[models[0]][0]
+    scored = [name for name in models if runs[name]]
+    results = {name: {**_combine(runs[name], n_bootstrap, seeds[0], groups), **_rounded(info[name])}
+               if runs[name] else info[name] for name in models}
+    first = runs[scored[0]][0] if scored else user_metrics(np.zeros((len(items), 1)), item_ids, train_frame,
+                                                           holdout_frame, ks)
     metrics: dict[str, Any] = {
         "preset": preset or config.encoder, "seeds": list(seeds), "ks": sorted(set(ks)),
         "n_users": len(first.user_ids), "n_items": first.n_items, "n_cold_items": first.n_cold_items,
         "protocol": {"history": f"event weight x 0.5 ** (age / {HALF_LIFE_DAYS} days), L2-normalised",
                      "candidates": "whole catalog minus the user's training history",
                      "targets": "the user's cold items", "ci": f"95% percentile bootstrap over users ({n_bootstrap} resamples): "
-                           "user sampling only, not training-seed variance (see seed_std with several seeds)"},
-        "config": asdict(config), "models": results}
+                           "user sampling only, not training-seed variance (see seed_std with several seeds)",
+                     "paired": "native minus baseline, per user (means over seeds), the same bootstrap resamples "
+                               "of users for both"},
+        "config": asdict(config), "models": results,
+        "paired": {name: paired_bootstrap(_seed_mean(runs["native"]), _seed_mean(runs[name]), n_bootstrap,
+                                          seeds[0]) for name in scored if name != "native" and "native" in scored}}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    metrics["files"] = [str(p) for p in write_report(metrics, out_dir, pca, _categories(data, items))]
+    cold = set(holdout_frame["item_id"].cast(pl.String).to_list()) - set(train_frame["item_id"].cast(pl.String).to_list())
+    metrics["files"] = [str(p) for p in write_report(metrics, out_dir, native, items, _item_labels(data, items),
+                                                     [it.item_id for it in items if it.item_id in cold])]
+    if log_to_mlflow:
+        _log_report(metrics, out_dir)
     return metrics
+
+
+def _rounded(info: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in info.items()}
+
+
+def paired_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], n_bootstrap: int = 200,
+                     seed: int = 0) -> dict[str, Any]:
+    """Mean per-user difference a - b of every metric with a 95% CI from resampling users (the same draws
+    for a and b), and the share of resamples in which a is ahead."""
+    out: dict[str, Any] = {}
+    for name in a:
+        diff = a[name] - b[name]  # (users,)
+        rng = np.random.default_rng(seed)
+        means = np.asarray([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_bootstrap)]) \
+            if len(diff) else np.zeros(0)
+        out[f"{name}_diff"] = float(diff.mean()) if len(diff) else float("nan")
+        out[f"{name}_diff_ci"] = ([float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+                                  if len(means) else [out[f"{name}_diff"]] * 2)
+        out[f"{name}_ahead"] = float((means > 0).mean()) if len(means) else float("nan")
+    return out
+
+
+def _seed_mean(runs: Sequence[UserMetrics]) -> dict[str, np.ndarray]:
+    return {k: np.mean([r.values[k] for r in runs], axis=0) for k in runs[0].values}
+
+
+def _log_report(metrics: Mapping[str, Any], out_dir: Path) -> None:
+    """An MLflow run `evaluate-<preset>` with every model's Recall@K/NDCG@K and the report files as artifacts."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"evaluate-{metrics['preset']}") as run:
+        mlflow.log_params({"preset": metrics["preset"], "seeds": ",".join(map(str, metrics["seeds"])),
+                           "n_users": metrics["n_users"], "n_cold_items": metrics["n_cold_items"]})
+        mlflow.log_metrics({f"{model}.{k.replace('@', '_at_')}": float(v) for model, row in metrics["models"].items()
+                            for k, v in row.items() if k.startswith(("recall@", "ndcg@")) and not k.endswith("_ci")})
+        for path in metrics["files"]:
+            mlflow.log_artifact(path, artifact_path="report")
+        mlflow.log_artifact(str(out_dir / "metrics.json"), artifact_path="report")
+        logger.info("logged the report to MLflow run %s", run.info.run_id)
 
 
 def _train_holdout(data: EvalData, out_dir: Path, holdout_items: float | None, seed: int
@@ -343,23 +414,45 @@ def _train_holdout(data: EvalData, out_dir: Path, holdout_items: float | None, s
 
 def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_frame: pl.DataFrame,
                    items: Sequence[Item], out_dir: Path, config: TrainConfig, device: str,
-                   progress_bar: bool) -> np.ndarray:
-    """Item vectors of one model: trained and embedded, or a baseline's."""
+                   progress_bar: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Item vectors of one model (trained and embedded, or a baseline's) and facts about it (parameters)."""
     if name in TRAINED:
-        cfg = config.replace(seed=seed, modalities=TRAINED[name])
+        modalities, architecture = TRAINED[name]
+        cfg = config.replace(seed=seed, modalities=modalities,
+                             encoder_overrides={**config.encoder_overrides, "architecture": architecture})
         result = train(catalog, train_path, out_dir / "models" / f"{name}-seed{seed}", cfg, progress_bar)
-        return embed_items(result.encoder_dir, items, TRAINED[name], device)
+        encoder = load_encoder(result.encoder_dir)
+        n_params = sum(p.numel() for p in encoder.model.parameters())
+        return embed_items(result.encoder_dir, items, modalities, device), {"parameters": n_params}
+    if name == "stitched_pretrained":
+        return _pretrained_vectors(items, device)
     if name == "popularity":  # one dimension: the score is the training event count; unseen items get 0
         counts = dict(train_frame.group_by(pl.col("item_id").cast(pl.String)).len().iter_rows())
-        return np.asarray([[counts.get(it.item_id, 0)] for it in items], dtype=np.float32)
+        return np.asarray([[counts.get(it.item_id, 0)] for it in items], dtype=np.float32), {}
     vectors = np.random.default_rng([seed, 1]).standard_normal((len(items), config.encoder_config().embed_dim))
-    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), {}
+
+
+# frozen models: one embedding pass serves every seed of a run
+_PRETRAINED: dict[tuple[str, ...], tuple[np.ndarray, dict[str, Any]]] = {}
+
+
+def _pretrained_vectors(items: Sequence[Item], device: str) -> tuple[np.ndarray, dict[str, Any]]:
+    key = tuple(it.content_hash() for it in items)
+    if key not in _PRETRAINED:
+        encoder = PretrainedStitchedEncoder(device=device)
+        n_params = (sum(p.numel() for p in encoder.image.model.parameters())
+                    + sum(v.numel() for k, v in encoder.text.w.items() if k != "embeddings.position_ids"))
+        _PRETRAINED.clear()
+        _PRETRAINED[key] = (encoder.fit_encode(items),
+                            {"parameters": n_params, "fusion": "concat of centred, L2-normalised parts"})
+    return _PRETRAINED[key]
 
 
 def _combine(runs: list[UserMetrics], n_bootstrap: int, seed: int, groups: Mapping[str, str] | None
              ) -> dict[str, Any]:
     """One model's summary: per-user values averaged over seeds, then bootstrapped over users."""
-    mean = {k: np.mean([r.values[k] for r in runs], axis=0) for k in runs[0].values}
+    mean = _seed_mean(runs)
     out = summarize(UserMetrics(runs[0].user_ids, mean, runs[0].n_items, runs[0].n_retrievable,
                                 runs[0].n_cold_items), n_bootstrap, seed, groups)
     if len(runs) > 1:
@@ -367,11 +460,16 @@ def _combine(runs: list[UserMetrics], n_bootstrap: int, seed: int, groups: Mappi
     return out
 
 
-def _categories(data: EvalData, items: Sequence[Item]) -> list[str] | None:
-    """Each item's category, from the synthetic ground truth or the `category` attribute; None if neither."""
+def _item_labels(data: EvalData, items: Sequence[Item]) -> dict[str, list[str]]:
+    """Per-item labels for the plots: "category" (ground truth or the `category` attribute) and, from
+    synthetic ground truth, the image-only trait "colour"; absent where unknown."""
     if data.traits is not None:
-        traits = pl.read_parquet(data.traits, columns=["item_id", "category"])
-        category = dict(traits.iter_rows())
-        return [str(category.get(it.item_id, "unknown")) for it in items]
+        traits = pl.read_parquet(data.traits)
+        out = {}
+        for column in ("category", "colour"):
+            if column in traits.columns:
+                value = dict(zip(traits["item_id"].to_list(), traits[column].to_list(), strict=True))
+                out[column] = [str(value.get(it.item_id, "unknown")) for it in items]
+        return out
     labels = [it.attributes.get("category") for it in items]
-    return [lab or "unknown" for lab in labels] if any(labels) else None
+    return {"category": [lab or "unknown" for lab in labels]} if any(labels) else {}

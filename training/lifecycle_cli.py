@@ -16,12 +16,12 @@ from training.cli import load_train_config, use_tracking
 from training.evaluate import DEFAULT_KS, MODELS, EvalData, run_evaluation
 from training.promote import DEFAULT_METRIC, PromotionError, promote, rollback
 from training.register import DEFAULT_ALIAS, MODEL_NAME, metric_tag
-from training.synthetic import SynthConfig, generate
+from training.synthetic import PRESETS, generate
 
 console = Console()
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
-PRESETS = {"small": SynthConfig(n_items=1000, n_users=600, seed=0), "medium": SynthConfig(n_items=5000, n_users=3000)}
+EVAL_CONFIGS = {"small": "eval-small", "medium": "eval-medium", "tiny": "tiny"}  # training config of each preset's models
 TrackingOpt = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI",
                                                  help="MLflow URI (default: sqlite:///mlflow.db here).")]
 IndexRootOpt = Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT", help="Published index folder.")]
@@ -30,14 +30,16 @@ IndexRootOpt = Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT", help="
 @app.command()
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, report.md and the plots.")] = Path("eval"),
-    preset: Annotated[str | None, typer.Option(help="Synthetic preset: small or medium (generated under OUT).")]
+    preset: Annotated[str | None, typer.Option(help="Synthetic preset: small, medium or tiny (generated under OUT/data).")]
     = None,
     data: Annotated[Path | None, typer.Option(help="A dataset folder in the `onetower synth` layout.")] = None,
     catalog: Annotated[Path | None, typer.Option(help="Your catalog parquet (with --interactions).")] = None,
     interactions: Annotated[Path | None, typer.Option(help="Your interactions parquet.")] = None,
     holdout_items: Annotated[float | None, typer.Option(
         help="Hold out this fraction of items (all their events) as cold-start targets.")] = None,
-    config: Annotated[str, typer.Option(help="Training YAML or bundled name (demo, tiny, gpu).")] = "tiny",
+    config: Annotated[str | None, typer.Option(
+        help="Training YAML or bundled name (tiny, demo, gpu, eval-small, eval-medium); default: the preset's "
+             "eval-PRESET, else tiny.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Training steps for every trained model.")] = None,
     models: Annotated[str, typer.Option(help=f"Comma-separated, among {','.join(MODELS)}.")] = ",".join(MODELS),
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds; metrics average over them.")] = "0",
@@ -45,7 +47,7 @@ def evaluate(
         help="Tag this registered version with the native model's metrics (used by promote).")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Cold-start evaluation: native vs text-only, image-only, popularity and random, same data and steps.
+    """Cold-start evaluation: native vs text-only, image-only, stitched, pretrained stitched, popularity, random.
 
     Examples:
 
@@ -54,10 +56,11 @@ def evaluate(
         onetower evaluate --catalog my/catalog.parquet --interactions my/events.parquet --holdout-items 0.1
 
     Writes OUT/metrics.json, OUT/report.md and PNG plots (recall@K with 95% bootstrap intervals,
-    a 2D projection of item embeddings).
+    a 2D projection of item embeddings, a neighbour gallery of cold items), and logs them to MLflow.
+    stitched_pretrained needs `pip install 'onetower[baselines]'`; without it, it is reported as skipped.
     """
     use_tracking(tracking_uri, Path.cwd())
-    train_config = load_train_config(config)
+    train_config = load_train_config(config or EVAL_CONFIGS.get(preset or "", "tiny"))
     if max_steps is not None:
         train_config = dataclasses.replace(train_config, max_steps=max_steps)
     if preset is not None:
@@ -77,11 +80,14 @@ def evaluate(
         raise typer.BadParameter("give --preset, --data, or --catalog with --interactions")
     result = run_evaluation(source, out, train_config, models=[m for m in models.split(",") if m],
                             seeds=[int(s) for s in seeds.split(",")], ks=DEFAULT_KS, holdout_items=holdout_items,
-                            preset=preset, progress_bar=True)
+                            preset=preset, progress_bar=True, log_to_mlflow=True)
     table = Table(title=f"cold-start evaluation ({result.get('n_users', '?')} users)")
     for col in ("model", "recall@20", "95% CI", "ndcg@20"):
         table.add_column(col)
     for name, m in result["models"].items():
+        if "skipped" in m:
+            table.add_row(name, "skipped", m["skipped"], "")
+            continue
         lo, hi = m.get("recall@20_ci", [float("nan")] * 2)
         table.add_row(name, f"{m['recall@20']:.4f}", f"[{lo:.4f}, {hi:.4f}]", f"{m['ndcg@20']:.4f}")
     console.print(table)

