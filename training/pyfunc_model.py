@@ -19,15 +19,24 @@ from embed.items import Item
 from embed.load import load_encoder
 
 
+def _missing(value: Any) -> bool:
+    """None, or the NaN pandas puts in a missing cell of an object column."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _text(value: Any) -> str:
+    return "" if _missing(value) else str(value)
+
+
 def _attributes(value: Any) -> dict[str, str]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if _missing(value):
         return {}
     data = json.loads(value) if isinstance(value, str) else dict(value)
     return {str(k): str(v) for k, v in data.items() if v is not None}
 
 
 def _list(value: Any) -> list[Any]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if _missing(value):
         return []
     return list(value)
 
@@ -47,8 +56,8 @@ class OnetowerEncoderModel(PythonModel):  # type: ignore[misc]
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         frame = model_input.to_pandas() if hasattr(model_input, "to_pandas") else model_input
         rows = frame.to_dict(orient="records")
-        items = [Item(item_id=str(r.get("item_id", i)), title=str(r.get("title") or ""),
-                      description=str(r.get("description") or ""), attributes=_attributes(r.get("attributes")),
+        items = [Item(item_id=str(r.get("item_id", i)), title=_text(r.get("title")),
+                      description=_text(r.get("description")), attributes=_attributes(r.get("attributes")),
                       images=_images(r)) for i, r in enumerate(rows)]
         return self.encoder.encode(items)
 
