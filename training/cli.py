@@ -74,6 +74,11 @@ class IndexKind(str, Enum):
     ivfpq = "ivfpq"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class LogLevel(str, Enum):
     debug = "DEBUG"
     info = "INFO"
@@ -289,6 +294,16 @@ def reindex_command(
     fold_log: Annotated[bool, typer.Option(help="Fold the live-write log into the new index, then trim it.")]
     = True,
     keep_versions: Annotated[int, typer.Option(min=0, help="Published versions kept on disk (0: all).")] = 3,
+    engine: Annotated[Engine, typer.Option(
+        envvar="ONETOWER_REINDEX_ENGINE",
+        help="Where items are embedded: this process, or Ray Data actors (needs the `distributed` extra).")]
+    = Engine.local,
+    address: Annotated[str | None, typer.Option(
+        envvar="RAY_ADDRESS", help="--engine ray: an existing Ray cluster (default: a local Ray for this job).")]
+    = None,
+    ray_actors: Annotated[int, typer.Option(min=1, help="--engine ray: encoder actors, one model copy each.")] = 1,
+    ray_cpus: Annotated[int, typer.Option(min=1, help="--engine ray: CPUs of the local Ray (without --address).")]
+    = 2,
 ) -> None:
     """Embed the whole catalog with a registered encoder and publish a verified index version.
 
@@ -298,21 +313,26 @@ def reindex_command(
 
     [cyan]onetower reindex --catalog c.parquet --index-root index --model models:/onetower-encoder/3 --kind hnsw[/]
 
+    [cyan]onetower reindex --catalog c.parquet --index-root index --engine ray --ray-actors 4[/]
+
     The model files are cached under INDEX_ROOT/.model-cache; CURRENT moves only after the new version
     verifies, so a running service keeps serving the previous one until then.
     """
     configure_logging()
     uri, _ = use_tracking(tracking_uri, Path.cwd())
     try:
+        ray = RayOptions(address, ray_actors, ray_cpus) if engine is Engine.ray else None
         result = run_reindex(catalog.resolve(), index_root.resolve(), model, IndexConfig(kind=kind.value),
                              batch_size, _device(device), incremental=incremental, fold_log=fold_log,
-                             keep_versions=keep_versions or None)
+                             keep_versions=keep_versions or None, ray=ray)
     except MlflowException as e:
         raise typer.BadParameter(f"{e.message} (registry at {uri}: train and register first, or pass "
                                  "--tracking-uri)", param_hint="--model") from e
     except FileNotFoundError as e:
         raise _bad("--model", e) from e
     except ValueError as e:  # a catalog off the schema, or nothing embeddable
+        raise _fail(e) from e
+    except RuntimeError as e:  # Ray missing, or its engine failed
         raise _fail(e) from e
     _print_reindex(result, _out)
 
@@ -325,16 +345,34 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """`reindex --engine ray`: a cluster address (None: a local Ray), encoder actors, local CPUs."""
+
+    address: str | None = None
+    actors: int = 1
+    num_cpus: int = 2
+
+
 def run_reindex(catalog: Path, index_root: Path, model_uri: str, index_config: IndexConfig,
                 batch_size: int = 64, device: str = "cpu", out: Console | None = None, *, incremental: bool = False,
-                fold_log: bool = True, keep_versions: int | None = 3) -> ReindexResult:
-    """Resolve `model_uri` (files cached under `index_root/.model-cache`) and reindex with a progress bar."""
+                fold_log: bool = True, keep_versions: int | None = 3, ray: RayOptions | None = None) -> ReindexResult:
+    """Resolve `model_uri` (files cached under `index_root/.model-cache`) and reindex with a progress bar.
+
+    With `ray`, the catalog items are embedded by Ray Data actors (`training.reindex_ray`).
+    """
     resolved = resolve_model(model_uri, index_root / ".model-cache")
     encoder = load_encoder(resolved.directory, device=device, batch_size=batch_size)
+    engine = None
+    if ray is not None:
+        from training.reindex_ray import RayEngine  # Ray is an optional extra
+
+        engine = RayEngine(resolved.directory, address=ray.address, num_cpus=ray.num_cpus, actors=ray.actors,
+                           batch_size=batch_size, device=device)
     rows = pl.scan_parquet(catalog).select(pl.len()).collect().item()
     with progress_bar(f"embedding with {resolved.name} v{resolved.version}", rows, out) as advance:
         return reindex(catalog, encoder, resolved.name, resolved.version, index_root, index_config, advance,
-                       incremental=incremental, fold_log=fold_log, keep_versions=keep_versions)
+                       incremental=incremental, fold_log=fold_log, keep_versions=keep_versions, engine=engine)
 
 
 def _print_reindex(result: ReindexResult, out: Console) -> None:

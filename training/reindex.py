@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import polars as pl
 
 from embed.encoder import ItemEncoder
 from embed.errors import InvalidItemError
@@ -38,6 +40,19 @@ DEFAULT_SHARD_SIZE = 1024  # items per shard: the most a crash can cost, and one
 DEFAULT_KEEP_VERSIONS = 3
 CHECKS_PER_SOURCE = 4  # reused vectors re-embedded to confirm this encoder made them
 MIN_CHECK_COSINE = 0.99  # batch padding moves a vector by ~1e-6; other weights move it far more
+
+
+class EmbedEngine(Protocol):
+    """Embeds catalog rows elsewhere than in this process (e.g. `training.reindex_ray.RayEngine`)."""
+
+    def embed(self, frame: pl.DataFrame, base: Path) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+        """Embed the rows of a normalised catalog frame (image paths relative to `base`).
+
+        Yields:
+            Batches of (item ids, per item the reason it was refused or "", float32 vectors of
+            the accepted items in order); every row once, in any grouping.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -86,9 +101,15 @@ class _CatalogPass:
     """One streaming pass over the catalog: reuse vectors already made, embed the rest shard by shard."""
 
     def __init__(self, encoder: ItemEncoder, rows: IndexRows, previous: PublishedIndex | None, store: ShardStore,
-                 shard_size: int, progress: Progress | None) -> None:
+                 shard_size: int, progress: Progress | None, defer: bool = False) -> None:
         self.encoder, self.rows, self.previous, self.store = encoder, rows, previous, store
         self.shard_size, self.progress = shard_size, progress
+        # defer: items to embed are only noted here (id -> content hash, attributes) for an EmbedEngine
+        self.defer = defer
+        self.deferred: dict[str, tuple[str, Mapping[str, str]]] = {}
+        self._embedded: list[tuple[str, str, Mapping[str, str], str]] = []  # engine results not yet in a shard
+        self._embedded_vectors: list[np.ndarray] = []
+        self.answered: set[str] = set()
         self.counts = {"embedded": 0, "skipped": 0, "reused": 0, "resumed": 0}
         self.checks: dict[str, list[Item]] = {"reused": [], "resumed": []}
         self._pending: list[tuple[Item, str]] = []
@@ -105,6 +126,9 @@ class _CatalogPass:
         content_hash = item.content_hash()
         if self._reuse(item, content_hash):
             self._report(1)
+            return
+        if self.defer:
+            self.deferred[item.item_id] = (content_hash, item.attributes)
             return
         self._pending.append((item, content_hash))
         if len(self._pending) >= self.shard_size:
@@ -143,19 +167,45 @@ class _CatalogPass:
             errors += e
             if j < len(batches) - 1:  # the last batch is reported once its shard is on disk
                 self._report(len(batch), now=True)
-        shard = self.store.write([it.item_id for it, _ in pending], [h for _, h in pending], errors,
-                                 np.concatenate(vectors))
+        self._write([(it.item_id, h, it.attributes, e) for (it, h), e in zip(pending, errors, strict=True)],
+                    np.concatenate(vectors))
+        self._report(len(batches[-1]), now=True)
+
+    def _write(self, entries: Sequence[tuple[str, str, Mapping[str, str], str]], vectors: np.ndarray) -> None:
+        """Write one shard of (id, content hash, attributes, error) with the accepted items' vectors."""
+        shard = self.store.write([e[0] for e in entries], [e[1] for e in entries], [e[3] for e in entries], vectors)
         source, row = self.rows.add_source(shard.vectors), 0
-        for (item, content_hash), error in zip(pending, errors, strict=True):
+        for item_id, content_hash, attributes, error in entries:
             if not error:
-                self.rows.put(item.item_id, content_hash, item.attributes, source, row)
+                self.rows.put(item_id, content_hash, attributes, source, row)
                 row += 1
         self.counts["embedded"] += row
-        self.counts["skipped"] += len(pending) - row
-        self._report(len(batches[-1]), now=True)
+        self.counts["skipped"] += len(entries) - row
+
+    def add_embedded(self, item_ids: Sequence[str], errors: Sequence[str], vectors: np.ndarray) -> None:
+        """Take a batch an EmbedEngine made for deferred items; a shard is written per `shard_size` items."""
+        accepted = iter(np.asarray(vectors, np.float32))
+        for item_id, error in zip(item_ids, errors, strict=True):
+            if item_id not in self.deferred or item_id in self.answered:
+                raise RuntimeError(f"the embedding engine returned {item_id!r}, which was not asked for or came twice")
+            self.answered.add(item_id)
+            content_hash, attributes = self.deferred[item_id]
+            self._embedded.append((item_id, content_hash, attributes, error))
+            if not error:
+                self._embedded_vectors.append(next(accepted))
+        if len(self._embedded) >= self.shard_size:
+            self._write_embedded()
+        self._report(len(item_ids), now=True)
+
+    def _write_embedded(self) -> None:
+        entries, self._embedded = self._embedded, []
+        vectors, self._embedded_vectors = self._embedded_vectors, []
+        if entries:
+            self._write(entries, np.stack(vectors) if vectors else np.zeros((0, self.encoder.dim), np.float32))
 
     def finish(self) -> None:
         self.flush()
+        self._write_embedded()
         self._report(0, now=True)
 
     def _report(self, n: int, now: bool = False) -> None:
@@ -206,7 +256,8 @@ def _previous_index(index_root: Path, model_version: str, dim: int) -> Published
 def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version: str, index_root: Path,
             index_config: IndexConfig, progress: Progress | None = None, *, incremental: bool = False,
             fold_log: bool = True, log_path: Path | None = None, work_dir: Path | None = None,
-            shard_size: int = DEFAULT_SHARD_SIZE, keep_versions: int | None = DEFAULT_KEEP_VERSIONS) -> ReindexResult:
+            shard_size: int = DEFAULT_SHARD_SIZE, keep_versions: int | None = DEFAULT_KEEP_VERSIONS,
+            engine: EmbedEngine | None = None) -> ReindexResult:
     """Embed the catalog with `encoder` and publish a new index version under `index_root`.
 
     Args:
@@ -221,6 +272,10 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
             `default_work_dir(index_root, model_version)`); rerunning after a crash resumes from them.
         shard_size: items per shard.
         keep_versions: published versions kept (the current one always stays); None keeps all.
+        engine: where catalog items are embedded (None: `encoder`, in this process). With an
+            engine, this process still reads the catalog (content hashes decide what to embed),
+            writes the shards as the engine's batches arrive, folds the log, re-embeds the check
+            sample and builds and publishes; only the items to embed go to the engine.
 
     The log may be open in a running server meanwhile: `WriteLog` locks it across processes, so
     records the server appends while this runs are kept. Live writes are folded into the index,
@@ -240,9 +295,15 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
     store = ShardStore(work_dir or default_work_dir(index_root, model_version),
                        {"model_name": model_name, "model_version": model_version, "dim": encoder.dim})
     rows = IndexRows()
-    scan = _CatalogPass(encoder, rows, previous, store, shard_size, progress)
+    scan = _CatalogPass(encoder, rows, previous, store, shard_size, progress, defer=engine is not None)
     for item in iter_items(frame, catalog.parent):
         scan.add(item)
+    if engine is not None and scan.deferred:
+        todo = frame.filter(pl.col("item_id").is_in(list(scan.deferred)))
+        for item_ids, errors, vectors in engine.embed(todo, catalog.parent):
+            scan.add_embedded(item_ids, errors, vectors)
+        if len(scan.answered) != len(scan.deferred):
+            raise RuntimeError(f"the embedding engine returned {len(scan.answered)} of {len(scan.deferred)} items")
     scan.finish()
     bad = scan.mismatched()
     if bad:  # the same version string named other weights (e.g. a local folder trained again)
@@ -250,7 +311,7 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
             store.clear()
         return reindex(catalog, encoder, model_name, model_version, index_root, index_config, progress,
                        incremental=incremental and "reused" not in bad, fold_log=fold_log, log_path=log_path,
-                       work_dir=work_dir, shard_size=shard_size, keep_versions=keep_versions)
+                       work_dir=work_dir, shard_size=shard_size, keep_versions=keep_versions, engine=engine)
     catalog_ids = set(frame["item_id"].to_list())
     dropped = sum(i not in catalog_ids for i in previous.ids.item_ids) if previous is not None else 0
     counts = scan.counts

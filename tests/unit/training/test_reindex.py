@@ -284,3 +284,33 @@ def test_a_catalog_with_nothing_embeddable_publishes_nothing(base: Base, tmp_pat
         reindex(catalog, base.encoder, "tiny", VERSION, tmp_path / "index", FLAT)
     assert read_current(tmp_path / "index") is None
 
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the module (starting one costs ~5 s on 2 shared cores, its actors a few more)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow  # a local Ray and one actor: ~15 s idle, ~70 s on 2 cores at load 15
+def test_the_ray_engine_gives_the_local_vectors_and_writes_resumable_shards_as_it_goes(
+        base: Base, tmp_path: Path, ray_session: None) -> None:
+    from training.reindex_ray import RayEngine
+
+    root = tmp_path / "index"
+    on_disk: list[int] = []
+
+    def count_shards(n: int) -> None:  # what a crash at this point would leave to resume from
+        on_disk.append(len(list(default_work_dir(root, VERSION).glob("shard-*.parquet"))))
+
+    engine = RayEngine(base.encoder_dir, batch_size=4, block_rows=8)
+    result = reindex(base.catalog, base.encoder, "tiny", VERSION, root, FLAT, count_shards, shard_size=8,
+                     engine=engine)
+    assert (result.embedded, result.skipped, result.count) == (N_ITEMS - 2, 2, N_ITEMS - 2)
+    assert on_disk == [1, 2, 3, 4, 5]  # each block of 8 is a shard on disk before its progress is reported
+    local, ray = load_version(base.root), load_version(root)
+    assert ray.ids.item_ids == local.ids.item_ids  # same order: Ray keeps the catalog order
+    np.testing.assert_allclose(ray.vectors, local.vectors, rtol=0, atol=1e-6)
