@@ -465,7 +465,7 @@ def _item_labels(data: EvalData, items: Sequence[Item]) -> dict[str, list[str]]:
     synthetic ground truth, the image-only trait "colour"; absent where unknown."""
     if data.traits is not None:
         traits = pl.read_parquet(data.traits)
-        out = {}
+        out: dict[str, list[str]] = {}
         for column in ("category", "colour"):
             if column in traits.columns:
                 value = dict(zip(traits["item_id"].to_list(), traits[column].to_list(), strict=True))
