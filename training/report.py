@@ -196,7 +196,7 @@ def plot_neighbours(vectors: np.ndarray, items: Sequence[Item], cold_ids: Sequen
             ax.set_title(("COLD: " if c == 0 else f"{c}. ") + "\n".join(textwrap.wrap(title, 24)[:2]), fontsize=7,
                          color="#d62728" if c == 0 else "black")
     fig.suptitle("Cold-start items (left) and their 5 nearest neighbours under the native encoder", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the suptitle
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
