@@ -81,8 +81,11 @@ def download_model(ref: ModelRef, cache_dir: Path, tracking_uri: str | None = No
         if target.exists():
             shutil.rmtree(target)  # a download that died half-way
         target.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(target), tracking_uri=tracking_uri,
-                                            registry_uri=tracking_uri)
+        # MLflow resolves a models:/ URI against the global registry, whatever registry_uri says:
+        # ask our registry where the version's files are, then fetch them from there
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        source = client.get_model_version_download_uri(ref.name, ref.version)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=tracking_uri)
         (target / ".complete").write_text("ok\n")
         logger.info("downloaded %s to %s", ref.source, target)
     return target
