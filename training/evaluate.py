@@ -287,7 +287,7 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
         holdout_items: hold out this fraction of the interacted items as cold (for data without a
             holdout file); the split goes to `out_dir/split/`.
         seeds: one training (and random-baseline) seed per run; per-user metrics are averaged over seeds.
-        log_to_mlflow: also log the report files and native's metrics as an MLflow run `evaluate-<preset>`.
+        log_to_mlflow: also log every model's metrics and the report files as an MLflow run `evaluate-<preset>`.
 
     Returns:
         What `out_dir/metrics.json` holds: {"preset", "seeds", "ks", "models": {name: {"recall@20",
