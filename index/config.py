@@ -11,6 +11,7 @@ AUTO_HNSW_BELOW = 2_000_000
 # Upper bounds of per-query search effort: past them a query costs about an exact scan (or more).
 MAX_EF_SEARCH = 4096
 MAX_NPROBE = 65536
+SEARCH_THREADS = 1  # serving: many searches run at once, and one query is slower on two threads (measured)
 
 
 def _check_positive(name: str, value: int, minimum: int = 1, maximum: int | None = None) -> None:
@@ -33,7 +34,13 @@ class IndexConfig:
     nprobe: int = 32
     use_opq: bool = True  # rotate before PQ (OPQ): better recall for the same code size
     refine_factor: int = 4  # ivfpq: re-rank k*refine_factor PQ hits exactly against the stored vectors
-    threads: int = 0  # 0: leave FAISS's default; >0: faiss.omp_set_num_threads
+    # OpenMP threads, >0: faiss.omp_set_num_threads. 0: builds keep FAISS's default (every core) and the
+    # serving view (LiveIndex) uses SEARCH_THREADS: one query ran 2x slower on 2 threads (docs/PERFORMANCE.md).
+    threads: int = 0
+    # Exact (flat) search uses BLAS for calls of at least this many queries, else a per-query scan:
+    # measured 2-10x faster from 4 queries on, 2x slower for 1 (docs/PERFORMANCE.md). FAISS 1.15's own
+    # threshold (128000 query floats: 500 queries at dim 256) keeps every realistic batch on the scan.
+    blas_min_batch: int = 4
     use_gpu: bool = True  # only takes effect when faiss.get_num_gpus() > 0
 
     def __post_init__(self) -> None:
@@ -47,6 +54,7 @@ class IndexConfig:
         _check_positive("nprobe", self.nprobe, 1, MAX_NPROBE)
         _check_positive("refine_factor", self.refine_factor)
         _check_positive("threads", self.threads, 0)
+        _check_positive("blas_min_batch", self.blas_min_batch)
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,10 @@ def configure_faiss(threads: int, blas_threshold: int | None = None) -> None:
     Args:
         threads: OpenMP threads per search (>0 sets them, 0 leaves FAISS's default).
             Servers that run many searches concurrently want 1.
-        blas_threshold: batches of at least this many queries use BLAS for exact search;
-            FAISS's default (20) makes small batches take a slow path.
+        blas_threshold: `faiss.cvar.distance_compute_blas_threshold`. FAISS 1.15 compares it with
+            queries x dim of a call (BLAS at or above it), so `blas_min_batch * dim` uses BLAS
+            from `blas_min_batch` queries on; its default (128000) keeps small batches on a scan
+            that is 4-13x slower (docs/PERFORMANCE.md). Searches with an ID selector always scan.
     """
     faiss = import_faiss()
     if threads < 0:

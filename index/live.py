@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from index.config import IndexConfig, SearchParams
+from index.config import SEARCH_THREADS, IndexConfig, SearchParams
 from index.errors import ReembedError
-from index.faiss_index import as_matrix, import_faiss, search_index
+from index.faiss_index import as_matrix, configure_faiss, import_faiss, search_index
 from index.log import LogRecord, WriteLog
 from index.publish import PublishedIndex
 
@@ -69,6 +69,8 @@ class LiveIndex:
         self.model_version = model_version
         self.config = config or IndexConfig()
         self.dim = published.manifest.dim
+        # process-wide, and the same for every LiveIndex of a process: set from measurements (IndexConfig)
+        configure_faiss(self.config.threads or SEARCH_THREADS, self.config.blas_min_batch * self.dim)
         self._lock = threading.Lock()
         self._fresh_ids: list[str] = []
         self._fresh_attrs: list[dict[str, str]] = []

@@ -83,9 +83,10 @@ class RayEngine:
             files = ray.put({name: (self.encoder_dir / name).read_bytes() for name in ENCODER_FILES})
             table = frame.select(CATALOG_COLUMNS).to_arrow()
             blocks = [table.slice(i, self.block_rows) for i in range(0, table.num_rows, self.block_rows)]
+            pool = ray.data.ActorPoolStrategy(size=self.actors)
             ds = ray.data.from_arrow(blocks).map_batches(
                 _Embedder, fn_constructor_args=(files, str(base), self.device, self.batch_size, self.torch_threads),
-                batch_size=self.batch_size, batch_format="pyarrow", concurrency=self.actors,
+                batch_size=self.batch_size, batch_format="pyarrow", compute=pool,
                 num_cpus=1 if self.device == "cpu" else 0, num_gpus=0 if self.device == "cpu" else 1)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 errors = [str(e) for e in batch["error"]]

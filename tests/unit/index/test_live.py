@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -412,3 +413,20 @@ def test_items_being_rewritten_never_look_missing(published: PublishedIndex,
     assert not misses, f"{len(misses)} lookups missed a live item, e.g. {misses[0]}"
     assert np.array_equal(live.vector("hot"), x[2999 % N])  # type: ignore[arg-type]
     assert len(live) == N + 1
+
+
+def test_the_serving_view_sets_the_measured_faiss_knobs(published: PublishedIndex, reference: Reference) -> None:
+    before = (faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold)
+    try:
+        live = LiveIndex(published, None, "1", IndexConfig(kind="flat"))
+        # one OpenMP thread per search; BLAS from IndexConfig.blas_min_batch queries (FAISS counts query floats)
+        assert faiss.omp_get_max_threads() == 1
+        assert faiss.cvar.distance_compute_blas_threshold == IndexConfig().blas_min_batch * live.dim
+        q = _queries(5, n=IndexConfig().blas_min_batch)  # a batch on the BLAS path gives the exact answer
+        for got, query in zip(live.search(q, 5), q, strict=True):
+            _check(got, reference.search(query, 5))
+        LiveIndex(published, None, "1", IndexConfig(kind="flat", threads=2, blas_min_batch=16))
+        assert (faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold) == (2, 16 * live.dim)
+    finally:
+        faiss.omp_set_num_threads(before[0])
+        faiss.cvar.distance_compute_blas_threshold = before[1]

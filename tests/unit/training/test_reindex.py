@@ -295,7 +295,7 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.mark.slow  # a local Ray and one actor: ~15 s idle, ~70 s on 2 cores at load 15
+@pytest.mark.slow  # a local Ray + one actor: measured 71 s on 2 cores at load average 15 (ray.init alone: 5 s idle)
 def test_the_ray_engine_gives_the_local_vectors_and_writes_resumable_shards_as_it_goes(
         base: Base, tmp_path: Path, ray_session: None) -> None:
     from training.reindex_ray import RayEngine
