@@ -226,6 +226,19 @@ def train_command(
     stages: Annotated[str, typer.Option(
         help="Curriculum stages, comma-separated: 1 unimodal pretraining, 2 image-text alignment, "
              "3 recommendation. Each starts from the previous one's weights.")] = "3",
+    devices: Annotated[int | None, typer.Option(
+        "--trainer.devices", "--devices", min=1,
+        help="Processes (CPU) or GPUs per node; > 1 trains under DDP (gloo on CPU, NCCL on GPUs).")] = None,
+    num_nodes: Annotated[int | None, typer.Option(
+        "--trainer.num_nodes", "--num-nodes", min=1,
+        help="Machines; each runs this command (torchrun or SLURM set the ranks).")] = None,
+    accelerator: Annotated[str | None, typer.Option(
+        "--trainer.accelerator", "--accelerator", help="Lightning accelerator: auto, cpu, gpu.")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        "--trainer.strategy", "--strategy",
+        help="Lightning strategy (default: DDP finding unused parameters when devices x num_nodes > 1).")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--trainer.precision", "--precision", help="32-true, or bf16-mixed for bf16 autocast.")] = None,
 ) -> None:
     """Train the encoder on co-engagement, log the run to MLflow and register the result.
 
@@ -237,14 +250,23 @@ def train_command(
 
     [cyan]onetower train --catalog c.parquet --interactions i.parquet --stages 1,2,3[/]  (the full curriculum)
 
+    [cyan]onetower train --catalog c.parquet --interactions i.parquet --trainer.devices 2 --trainer.accelerator cpu[/]
+    (2 DDP processes; only rank 0 saves and registers)
+
     Without --tracking-uri (or MLFLOW_TRACKING_URI) runs go to ./mlflow.db with artifacts in ./mlartifacts.
     The new version of onetower-encoder gets the alias (default champion), which reindex and serve follow.
     """
     configure_logging()
     try:
-        cfg = load_train_config(config).replace(max_steps=max_steps, encoder=encoder, experiment=experiment)
+        cfg = load_train_config(config).replace(max_steps=max_steps, encoder=encoder, experiment=experiment,
+                                                devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+                                                strategy=strategy, precision=precision)
     except (OSError, ValueError, TypeError) as e:
         raise _bad("--config", e) from e
+    if cfg.devices * cfg.num_nodes > 1 and cfg.strategy == "auto":
+        # DDP; Lightning relaunches this command once per extra local process. Stage 1 never uses the
+        # encoder's output head (it trains on hidden states), so DDP must look for unused parameters.
+        cfg = cfg.replace(strategy="ddp_find_unused_parameters_true")
     uri, artifact_root = use_tracking(tracking_uri, Path.cwd())
     ensure_experiment(cfg.experiment, artifact_root)
     _out.print(f"training the [bold]{cfg.encoder}[/] encoder for {cfg.max_steps} steps; tracking at {uri}")
@@ -257,6 +279,8 @@ def train_command(
                                 progress_bar=True)
     except CatalogError as e:
         raise _fail(e) from e
+    if not result.is_global_zero:
+        return  # another DDP process: rank 0 reports and registers the one model
     _print_train(result, _out)
     if register:
         version = register_encoder(result.encoder_dir, result.run_id, result.metrics, alias=alias or None)
@@ -268,6 +292,9 @@ def _print_train(result: TrainResult, out: Console) -> None:
     m = result.metrics
     stages = "; ".join(f"stage {n} loss {m[f'stage{n}_loss']:.4f}" for n in (1, 2, 3) if f"stage{n}_loss" in m)
     rate = f" ({m['pairs_per_second']:.0f} pairs/s)" if "pairs_per_second" in m else ""
+    rate += "".join(f"; stage {n} {m[f'stage{n}_items_per_s']:.0f} items/s" for n in (1, 2, 3)
+                    if f"stage{n}_items_per_s" in m)
+    rate += f"; {m['items_per_s']:.0f} items/s" if "items_per_s" in m else ""
     out.print(f"final loss {m['train_loss']:.4f} in {m['train_seconds']:.1f}s{rate}"
               + (f" ({stages})" if stages else "") + f"; run {result.run_id}; encoder in {result.encoder_dir}")
 

@@ -10,7 +10,8 @@ from embed.config import EncoderConfig, known_fields, preset
 
 MODALITIES = ("both", "text", "image")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")  # Lightning's names
-STAGES = (1, 2, 3)  # unimodal pretraining, image-text alignment, recommendation fine-tuning
+STAGES = (1, 2, 3)
+SECTIONS = ("trainer", "model", "data")  # LightningCLI-style YAML groups, flattened into TrainConfig fields  # unimodal pretraining, image-text alignment, recommendation fine-tuning
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**known_fields(cls, data, "training config"))
+        """Build from flat fields, or from LightningCLI-style `trainer:` / `model:` / `data:` sections of them.
+
+        Raises:
+            ValueError: an unknown key, a field given twice, or a section that is not a mapping.
+        """
+        flat = {k: v for k, v in data.items() if k not in SECTIONS}
+        for section in SECTIONS:
+            values = data.get(section) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{section}: must be a mapping of TrainConfig fields, got {values!r}")
+            twice = sorted(set(values) & set(flat))
+            if twice:
+                raise ValueError(f"{twice} given twice (in {section}: and elsewhere)")
+            flat |= values
+        return cls(**known_fields(cls, flat, "training config"))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
