@@ -5,6 +5,14 @@ reuse, shards, log folding, build, publish) stays in the calling process; only t
 are sent to Ray, in blocks of `block_rows`, and come back in order. The encoder's files travel
 through Ray's object store, so workers on other machines need no shared model folder; image
 files named by path in the catalog must be readable at the same path on every worker.
+
+Against the local engine: the same shards (same folder and identity, so either engine resumes the
+other's interrupted run), the same incremental decisions (made before Ray starts), the same vectors
+(up to float rounding of a different batch split) in the same order. What differs: the catalog is
+read by this process (it hashes every item, images included) and the rows to embed are shipped
+from it, so their image files are read twice; a crash loses the blocks Ray has in flight or
+buffered plus fewer than `shard_size` returned results, not at most one shard; starting a local Ray
+and its actors costs seconds, so small catalogs are faster on the local engine.
 """
 
 from __future__ import annotations
