@@ -1,0 +1,198 @@
+"""Registry outage: a real `mlflow server` is SIGKILLed while the service polls it, then restarted on its store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from embed.config import preset
+from embed.items import Item
+from embed.load import load_encoder, save_encoder
+from embed.model import UnifiedEncoder
+from embed.tokens import TextTokenizer
+from index.config import IndexConfig
+from index.ids import IdMap
+from index.publish import publish_index
+from protos.onetower.v1 import onetower_pb2 as pb
+from service.client import Client
+from service.config import ServiceConfig
+from service.server import start_server
+from training.register import MODEL_NAME, ensure_experiment, register_encoder
+
+from .conftest import free_port
+
+POLL_S, TIMEOUT_S = 0.5, 5.0  # a loaded 2-core machine can take seconds to answer
+
+
+class _Registry:
+    """`mlflow server` on a sqlite store and a fixed port, in its own process group (it runs uvicorn as a child)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", (self.root / "artifacts").as_uri(), "--workers", "1"]
+        log = (self.root / f"server-{time.monotonic_ns()}.log").open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mlflow server did not start (see {log.name})")
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (the CLI and its uvicorn child)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Iterator[_Registry]:
+    reg = _Registry(tmp_path)
+    reg.start()
+    yield reg
+    reg.kill()
+
+
+def _tiny_model(root: Path) -> tuple[Path, list[Item]]:
+    items = [Item(item_id=f"item-{i:03d}", title=f"{c} {k} {i}", attributes={"category": k})
+             for i, (c, k) in enumerate((c, k) for c in ("red", "blue", "green") for k in ("bag", "lamp", "mug"))]
+    torch.manual_seed(0)
+    tokenizer = TextTokenizer.train([it.text for it in items], 200, min_frequency=1)
+    return save_encoder(root / "encoder", UnifiedEncoder(preset("tiny", vocab_size=tokenizer.vocab_size)),
+                        tokenizer), items
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "event", None)
+        if event:
+            self.events.append(event)
+
+
+def _wait(condition: object, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_registry_killed_while_polling_fails_no_lookup_and_the_watcher_recovers(registry: _Registry,
+                                                                                 tmp_path: Path) -> None:
+    registry_uri = registry.uri
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(registry_uri)
+        encoder_dir, items = _tiny_model(tmp_path)
+        run = MlflowClient(registry_uri).create_run(ensure_experiment("outage"))
+        version = register_encoder(encoder_dir, run.info.run_id, {"train_loss": 1.0})
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    vectors = load_encoder(encoder_dir).encode(items)
+    ids = IdMap([it.item_id for it in items], [it.content_hash() for it in items], [dict(it.attributes) for it in items])
+    publish_index(tmp_path / "index", vectors, ids, IndexConfig(kind="flat"), MODEL_NAME, version)
+
+    records = _Records()
+    watched = logging.getLogger("service.snapshot")
+    level = watched.level
+    watched.setLevel(logging.INFO)  # the recovery is logged at INFO
+    watched.addHandler(records)
+    running = start_server(ServiceConfig(model_uri=f"models:/{MODEL_NAME}@champion", index_root=tmp_path / "index",
+                                         tracking_uri=registry_uri, port=0, poll_seconds=POLL_S,
+                                         registry_timeout_s=TIMEOUT_S, cache_dir=tmp_path / "cache"))
+    failures: list[str] = []
+    latencies: dict[str, list[float]] = {"up": [], "down": []}
+    phase = ["up"]
+    health: list[str] = []
+    stop = threading.Event()
+
+    def lookups() -> None:
+        with Client(f"127.0.0.1:{running.port}", timeout=5) as c:
+            i = 0
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    assert len(c.similar(item_ids=[items[i % len(items)].item_id], k=3)[0]) == 3
+                    c.stub.GetEmbeddings(pb.GetEmbeddingsRequest(item_ids=[items[(i + 1) % len(items)].item_id]))
+                    latencies[phase[0]].append(time.perf_counter() - started)
+                    health.append(c.health_status())
+                except (grpc.RpcError, AssertionError) as e:
+                    failures.append(repr(e))
+                i += 1
+
+    threads = [threading.Thread(target=lookups) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # a few successful polls
+        assert records.events == [] and running.watcher.failing_since is None
+        registry.kill()
+        phase[0] = "down"
+        killed = time.monotonic()
+        assert _wait(lambda: "outage_started" in records.events, 3 * TIMEOUT_S), records.events
+        noticed = time.monotonic() - killed
+        time.sleep(3.0)  # down for several polls more, lookups going on
+        assert running.watcher.failing_since is not None
+        outage_polls_ok = "outage_ended" not in records.events
+        phase[0] = "up"
+        registry.start()  # a new server on the same store and port
+        assert _wait(lambda: "outage_ended" in records.events, 6 * TIMEOUT_S), records.events
+        assert running.watcher.failing_since is None
+        with Client(f"127.0.0.1:{running.port}") as c:
+            assert c.info().model_version == version
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        running.stop(grace=1)
+        watched.removeHandler(records)
+        watched.setLevel(level)
+
+    def p50(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2] * 1000
+
+    print(f"\noutage noticed {noticed:.2f}s after SIGKILL; lookups p50 {p50(latencies['up']):.2f} ms registry up, "
+          f"{p50(latencies['down']):.2f} ms down (n={len(latencies['up'])}, {len(latencies['down'])})")
+    assert outage_polls_ok
+    assert not failures, failures[:3]
+    assert latencies["down"] and set(health) == {"SERVING"}
+    assert records.events.count("outage_started") == 1  # logged once, not once per poll
