@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,6 +200,8 @@ def test_stage_steps_default_to_max_steps_and_are_validated() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile's CPU backend needs a C compiler")
+@pytest.mark.skipif(os.environ.get("ONETOWER_TEST_COMPILE") != "1",
+                    reason="compiling the tiny encoder on CPU took 161 s on 2 busy cores; ONETOWER_TEST_COMPILE=1 runs it")
 def test_compiled_blocks_match_eager_and_keep_parameter_names(prepared: tuple[EncoderConfig, ItemFeatures]) -> None:
     enc_config, features = prepared
     torch.manual_seed(0)
