@@ -167,11 +167,14 @@ def test_init_from_copies_encoder_weights_between_stages(prepared: tuple[Encoder
 def test_run_stages_chains_all_three_into_a_loadable_encoder(dataset: SynthDataset, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    config = dataclasses.replace(CONFIG, batch_size=16, max_steps=3, stage_steps={1: 4}, log_every_n_steps=1)
+    config = dataclasses.replace(CONFIG, batch_size=16, max_steps=3, stage_steps={1: 4}, log_every_n_steps=1,
+                                 encoder_overrides={"moe_experts": 2, "moe_every": 2})  # MoE through every stage
     result = run_stages(dataset.catalog, dataset.interactions, tmp_path / "out", config, stages=(1, 2, 3))
     assert all(np.isfinite(result.metrics[f"stage{s}_loss"]) for s in (1, 2, 3)), result.metrics
+    assert all(result.metrics[f"stage{s}_items_per_s"] > 0 for s in (1, 2, 3)), result.metrics
     logged = mlflow.MlflowClient(tracking_uri=uri).get_run(result.run_id).data.metrics
-    assert {"stage1/loss", "stage2/loss", "stage3/loss"} <= set(logged)
+    assert {"stage1/loss", "stage2/loss", "stage3/loss", "train/items_per_s", "moe/aux", "moe/routing_tv",
+            "moe/text_expert0", "moe/image_expert1"} <= set(logged)
     vectors = load_encoder(result.encoder_dir).encode(_items(dataset)[:5])
     assert vectors.shape == (5, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     resumed = run_stages(dataset.catalog, dataset.interactions, tmp_path / "out", config, stages=(2, 3),
