@@ -76,7 +76,8 @@ def run_stages(catalog: Path, interactions: Path, out_dir: Path, config: TrainCo
         loss = float(trainer.callback_metrics.get(STAGE_LOSS[stage], torch.tensor(float("nan"))))
         metrics[f"stage{stage}_loss"] = loss
         metrics[f"stage{stage}_items_per_s"] = throughput.items_per_s
-        mlf.log_metrics({f"stage{stage}/loss": loss}, step=trainer.global_step)
+        mlf.log_metrics({f"stage{stage}/loss": loss, f"stage{stage}/items_per_s": throughput.items_per_s},
+                        step=trainer.global_step)
         logger.info("stage %d: %d steps, final loss %.4f, %.1f items/s", stage, trainer.global_step, loss,
                     throughput.items_per_s)
         encoder_state = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}

@@ -173,7 +173,7 @@ def test_run_stages_chains_all_three_into_a_loadable_encoder(dataset: SynthDatas
     assert all(np.isfinite(result.metrics[f"stage{s}_loss"]) for s in (1, 2, 3)), result.metrics
     assert all(result.metrics[f"stage{s}_items_per_s"] > 0 for s in (1, 2, 3)), result.metrics
     logged = mlflow.MlflowClient(tracking_uri=uri).get_run(result.run_id).data.metrics
-    assert {"stage1/loss", "stage2/loss", "stage3/loss", "train/items_per_s", "moe/aux", "moe/routing_tv",
+    assert {"stage1/loss", "stage2/loss", "stage3/loss", "train/items_per_s", "stage3/items_per_s", "moe/aux", "moe/routing_tv",
             "moe/text_expert0", "moe/image_expert1"} <= set(logged)
     vectors = load_encoder(result.encoder_dir).encode(_items(dataset)[:5])
     assert vectors.shape == (5, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
