@@ -216,13 +216,25 @@ def list_versions(root: Path) -> list[str]:
 
 
 def prune_versions(root: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` versions (never the current one); returns what was removed."""
+    """Delete all but the newest `keep` versions (never the current one) and the staging folders of
+    publications that were killed; returns the versions removed.
+
+    A version is renamed to a hidden name before its files go, so a crash midway never leaves a
+    listed version with files missing. Only while no publication runs on `root` (reindex calls it
+    after its own).
+    """
     if keep < 1:
         raise ValueError(f"keep={keep} must be >= 1")
     current = read_current(root)
     old = [v for v in list_versions(root)[:-keep] if v != current]
+    folder = root / VERSIONS
     for v in old:
-        shutil.rmtree(root / VERSIONS / v)
+        os.rename(folder / v, folder / f".{v}.deleting")
+    if old:
+        fsync_dir(folder)
+    for leftover in folder.glob(".*"):
+        if leftover.is_dir() and leftover.name.endswith((".tmp", ".deleting")):
+            shutil.rmtree(leftover)
     return old
 
 
