@@ -143,16 +143,16 @@ def test_bf16_mixed_precision_trains_under_cpu_autocast(prepared: tuple[EncoderC
     enc_config, features = prepared
     pl.seed_everything(0)
     module = UnimodalPretrainStage(dataclasses.asdict(enc_config), lr=3e-3, weight_decay=0.05, warmup_steps=5,
-                                   max_steps=30)
+                                   max_steps=20)
     dtypes: set[torch.dtype] = set()
     module.encoder.blocks[0].qkv.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
-    losses = _fit(module, rows_with(features, text=False, image=False), UnimodalCollator(features), 30, 32,
+    losses = _fit(module, rows_with(features, text=False, image=False), UnimodalCollator(features), 20, 32,
                   precision="bf16-mixed")
     assert dtypes == {torch.bfloat16}  # autocast really ran the matmuls in bf16
     assert all(p.dtype == torch.float32 for p in module.parameters())  # fp32 master weights
     first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
     print(f"bf16-mixed stage 1: loss {first:.2f} -> {last:.2f}")
-    assert np.isfinite(losses).all() and last < 0.85 * first, (first, last)  # measured 6.62 -> 4.39
+    assert np.isfinite(losses).all() and last < 0.85 * first, (first, last)  # measured 6.44 -> 4.47 (-31%)
 
 
 def test_init_from_copies_encoder_weights_between_stages(prepared: tuple[EncoderConfig, ItemFeatures]) -> None:
