@@ -123,7 +123,7 @@ def test_moe_trains_and_routes_text_and_image_tokens_to_different_experts(
     at_init = _tv(_routing(module, features.text_only(rows), TEXT), _routing(module, features.image_only(rows), IMAGE))
     losses = _fit(module, rows_with(features, text=False, image=False), UnimodalCollator(features), 40, 32)
     first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
-    assert last < 0.75 * first, (first, last)  # measured 6.49 -> 4.06 (loss includes 0.01 x load balancing)
+    assert last < 0.75 * first, (first, last)  # measured 6.62 -> 3.86 (loss includes 0.01 x load balancing)
     module.eval()
     half_a, half_b = rows[::2], rows[1::2]
     text = _routing(module, features.text_only(rows), TEXT)
