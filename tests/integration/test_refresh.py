@@ -33,24 +33,28 @@ def test_refresh_registers_reindexes_promotes_by_rule_and_resumes(trained: Train
     ds = trained.dataset
     reindex(ds.catalog, load_encoder(trained.encoder_dir), MODEL, champion, index_root, IndexConfig(kind="flat"))
     champion_index = read_current(index_root)
-    common = ["refresh", "--catalog", str(ds.catalog), "--interactions", str(ds.interactions),
-              "--holdout", str(ds.holdout_interactions), "--index-root", str(index_root), "--config", "tiny",
-              "--max-steps", "8", "--model-name", MODEL, "--tracking-uri", trained.tracking_uri]
-    args = [*common, "--workdir", str(tmp_path / "work")]
+    args = ["refresh", "--catalog", str(ds.catalog), "--interactions", str(ds.interactions),
+            "--holdout", str(ds.holdout_interactions), "--index-root", str(index_root), "--config", "tiny",
+            "--max-steps", "8", "--model-name", MODEL, "--tracking-uri", trained.tracking_uri,
+            "--workdir", str(tmp_path / "work")]
     runner = CliRunner()
 
     # a dry run fine-tunes and evaluates only: nothing registered, published or promoted
-    dry = runner.invoke(app, [*common, "--workdir", str(tmp_path / "dry"), "--dry-run"])
+    started = time.perf_counter()
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    dry_seconds = time.perf_counter() - started
     assert dry.exit_code == 0, dry.output
     assert "(dry run)" in dry.output and "recall@20" in dry.output
     assert len(registry.search_model_versions(f"name='{MODEL}'")) == 1
     assert read_current(index_root) == champion_index
 
+    # the full run resumes from the dry run's recorded steps, as a rerun after a crash would
     started = time.perf_counter()
     first = runner.invoke(app, args)
     seconds = time.perf_counter() - started
     assert first.exit_code == 0, first.output
-    print(f"\nrefresh: {seconds:.1f}s\n{first.output}")
+    assert first.output.count("done before, skipped") == 4  # champion, split, train, evaluate
+    print(f"\nrefresh: dry run {dry_seconds:.1f}s, then the rest {seconds:.1f}s\n{first.output}")
 
     state = json.loads((tmp_path / "work" / STATE_FILE).read_text())
     steps = state["steps"]
