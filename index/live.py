@@ -31,6 +31,10 @@ MAX_K = 1000
 # IVF lists meet too few of them to fill k. Wider filters use the index, and rows it leaves short go exact.
 EXACT_FILTER_MAX = 4096
 EXACT_CHUNK = 16384  # main rows scored per matrix product in an exact filtered search
+# FAISS runs a flat search with an ID selector on its per-query scan, never BLAS (10x slower at 64+
+# queries, docs/PERFORMANCE.md): batches on a flat index with at most this many tombstones search
+# without the selector, over-fetch by the tombstone count and drop them.
+FLAT_OVERFETCH_MAX = 4096
 EmbedFn = Callable[[Sequence[LogRecord]], np.ndarray]
 
 
@@ -150,6 +154,9 @@ class LiveIndex:
             if self.kind != "flat" and len(keep) <= EXACT_FILTER_MAX:
                 return self._hits(*self._exact_among(q, keep, fetch))
             selector = faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep))
+        elif len(dead) and self.kind == "flat" and len(q) >= self.config.blas_min_batch \
+                and len(dead) <= FLAT_OVERFETCH_MAX:
+            return self._hits(*self._flat_over_fetch(q, fetch, dead))
         elif len(dead):
             keep = dead
             selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(len(keep), faiss.swig_ptr(keep)))
@@ -164,6 +171,15 @@ class LiveIndex:
                 scores[short], labels[short] = self._exact_among(q[short], keep, limit)
         del keep
         return self._hits(scores, labels)
+
+    def _flat_over_fetch(self, q: np.ndarray, fetch: int, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact best `fetch` live main rows per query: BLAS over every row, then the dead ones dropped."""
+        limit = min(fetch + len(dead), self.main.index.ntotal)
+        scores, labels = search_index(self.main.index, q, limit, None, None, self.config)
+        alive = (labels >= 0) & ~np.isin(labels, dead)
+        order = np.argsort(~alive, axis=1, kind="stable")[:, :fetch]  # live hits first, still best first
+        labels = np.where(np.take_along_axis(alive, order, 1), np.take_along_axis(labels, order, 1), -1)
+        return np.take_along_axis(scores, order, 1), labels
 
     def _hits(self, scores: np.ndarray, labels: np.ndarray) -> list[list[Hit]]:
         ids = self.main.ids

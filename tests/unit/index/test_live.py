@@ -430,3 +430,21 @@ def test_the_serving_view_sets_the_measured_faiss_knobs(published: PublishedInde
     finally:
         faiss.omp_set_num_threads(before[0])
         faiss.cvar.distance_compute_blas_threshold = before[1]
+
+
+@pytest.mark.parametrize("n_queries", [1, IndexConfig().blas_min_batch, 16])
+def test_batches_over_tombstones_equal_exact(live: LiveIndex, reference: Reference, n_queries: int,
+                                             main_data: tuple[list[str], np.ndarray, list[dict[str, str]]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, vectors, _ = main_data
+    _churn(live, reference)
+    over_fetched: list[int] = []
+    real = LiveIndex._flat_over_fetch
+    monkeypatch.setattr(LiveIndex, "_flat_over_fetch",
+                        lambda self, *a: over_fetched.append(1) or real(self, *a))  # type: ignore[func-returns-value]
+    gone = [f"m{i}" for i in range(1, 40, 3)]  # deleted: each is its own query's best main row
+    q = np.stack([vectors[ids.index(g)] for g in gone] * 2)[:n_queries]
+    for qi, hits in zip(q, live.search(q, 10, exclude=["m2"]), strict=True):
+        _check(hits, reference.search(qi, 10, exclude=["m2"]))
+    # batches that FAISS would run on BLAS skip the selector (which forces its scan)
+    assert bool(over_fetched) == (n_queries >= IndexConfig().blas_min_batch)
