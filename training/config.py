@@ -9,7 +9,7 @@ from typing import Any
 from embed.config import EncoderConfig, known_fields, preset
 
 MODALITIES = ("both", "text", "image")
-PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")  # Lightning's names
+PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true")
 STAGES = (1, 2, 3)
 SECTIONS = ("trainer", "model", "data")  # LightningCLI-style YAML groups, flattened into TrainConfig fields  # unimodal pretraining, image-text alignment, recommendation fine-tuning
 
@@ -59,7 +59,7 @@ class TrainConfig:
             raise ValueError(f"modalities={self.modalities!r} must be one of {list(MODALITIES)}")
         if self.moe_aux_weight < 0:
             raise ValueError(f"moe_aux_weight={self.moe_aux_weight} must be >= 0")
-        if self.precision not in PRECISIONS:
+        if str(self.precision) not in PRECISIONS:  # YAML reads `precision: 32` as an int, which Lightning takes too
             raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")

@@ -235,6 +235,7 @@ def test_lightningcli_style_sections_flatten_into_the_train_config() -> None:
         TrainConfig.from_dict({"trainer": {"gpus": 2}})
     with pytest.raises(ValueError, match="precision='fp8'"):
         TrainConfig(precision="fp8")
+    assert TrainConfig.from_dict(yaml.safe_load("trainer: {precision: 32}")).precision == 32  # Lightning takes ints
     configs = Path(__file__).parents[3] / "training" / "configs"
     gpu = TrainConfig.from_dict(yaml.safe_load((configs / "curriculum-gpu.yaml").read_text()))
     assert (gpu.precision, gpu.compile, gpu.encoder_config().moe_every, gpu.steps_for(2)) == ("bf16-mixed", True, 2, 3000)
