@@ -41,6 +41,9 @@ class EncoderConfig:
     moe_shared_experts: int = 1  # always-on experts beside the routed ones (0 for none)
     moe_top_k: int = 1  # routed experts per token
     moe_every: int = 1  # MoE FFN in every n-th block (2: every other block, GShard-style), dense elsewhere
+    # "learned": one modality-aware router over all experts; "grouped": text and image tokens each routed
+    # within their own half of the experts (MoMa)
+    moe_routing: str = "learned"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -60,6 +63,14 @@ class EncoderConfig:
         if self.moe_shared_experts < 0 or self.moe_every <= 0:
             raise ValueError(f"moe_shared_experts={self.moe_shared_experts} must be >= 0 and "
                              f"moe_every={self.moe_every} positive")
+        if self.moe_routing not in ("learned", "grouped"):
+            raise ValueError(f"moe_routing={self.moe_routing!r} must be 'learned' or 'grouped'")
+        if self.moe_routing == "grouped" and self.moe_experts % 2:
+            raise ValueError(f"moe_experts={self.moe_experts} must be even with moe_routing='grouped'")
+        group = self.moe_experts // 2 if self.moe_routing == "grouped" else self.moe_experts
+        if self.moe_experts and not 1 <= self.moe_top_k <= group:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, {group}] "
+                             f"(moe_experts={self.moe_experts}, moe_routing={self.moe_routing!r})")
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
             raise ValueError(
                 f"moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}] when experts are on")

@@ -151,7 +151,8 @@ def _moe(config: EncoderConfig, block: int) -> ModalityMoE | None:
     if not config.uses_moe(block):
         return None
     return ModalityMoE(config.width, int(config.width * config.mlp_ratio), config.moe_experts,
-                       config.moe_shared_experts, config.moe_top_k, config.dropout)
+                       config.moe_shared_experts, config.moe_top_k, config.dropout,
+                       grouped=config.moe_routing == "grouped")
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -1,12 +1,16 @@
 """A modality-aware mixture-of-experts FFN: shared experts + top-k routed experts.
 
 Every real token goes through the shared expert(s) (DeepSeekMoE's always-on experts) and through the
-`top_k` routed experts its router picks. The router sees the token's state and its modality type
-(a learned per-modality bias on the expert logits, LIMoE/VLMo-style modality awareness), so text and
-image tokens may learn to prefer different experts; nothing forces them to, and `routing_usage`
-measures whether they do. Dropless: each expert runs on exactly the tokens routed to it (a loop over
-the handful of experts, never over tokens). The Switch Transformer load-balancing loss
-(Fedus et al. 2021, eq. 4) over all real tokens keeps experts in use.
+`top_k` routed experts its router picks. Dropless: each expert runs on exactly the tokens routed to it
+(a loop over the handful of experts, never over tokens). The Switch Transformer load-balancing loss
+(Fedus et al. 2021, eq. 4) keeps experts in use. Two routings:
+
+- "learned": one router over all experts sees the token's state and its modality type (a learned
+  per-modality bias on the logits, LIMoE-style), so text and image tokens may prefer different
+  experts; nothing forces them to, and `routing_usage` measures whether they do (on the tiny config
+  they differ early in training and drift back together over long runs under the balancing loss).
+- "grouped" (MoMa, Lin et al. 2024): the first half of the routed experts serve text tokens, the
+  second half image tokens; each token is routed top-k within its group, balanced per group.
 """
 
 from __future__ import annotations
@@ -40,13 +44,26 @@ class ModalityMoE(nn.Module):
         shared: always-on experts (0 for none).
         top_k: routed experts per token; their softmax probabilities are the gates (Switch/GShard,
             unnormalised so the task loss trains the router).
+        grouped: route text tokens among the first E/2 experts and image tokens among the rest.
     """
 
-    def __init__(self, width: int, hidden: int, experts: int, shared: int, top_k: int, dropout: float) -> None:
+    group_mask: torch.Tensor
+
+    def __init__(self, width: int, hidden: int, experts: int, shared: int, top_k: int, dropout: float,
+                 grouped: bool = False) -> None:
         super().__init__()
-        if not 1 <= top_k <= experts:
-            raise ValueError(f"top_k={top_k} must be in [1, experts={experts}]")
+        group = experts // 2 if grouped else experts
+        if grouped and experts % 2:
+            raise ValueError(f"experts={experts} must be even to split into text and image groups")
+        if not 1 <= top_k <= group:
+            raise ValueError(f"top_k={top_k} must be in [1, {group}] ({experts} experts, grouped={grouped})")
         self.top_k = top_k
+        self.grouped = grouped
+        # grouped (MoMa, Lin et al. 2024): text tokens route among experts [0, E/2), image tokens among [E/2, E)
+        mask = torch.zeros(N_MODALITIES, experts)
+        if grouped:
+            mask[0, group:], mask[1, :group] = float("-inf"), float("-inf")
+        self.register_buffer("group_mask", mask, persistent=False)  # (2, E) added to the router logits
         self.shared = nn.ModuleList(_ffn(width, hidden, dropout) for _ in range(shared))
         self.experts = nn.ModuleList(_ffn(width, hidden, dropout) for _ in range(experts))
         self.router = nn.Linear(width, experts, bias=False)
@@ -56,7 +73,7 @@ class ModalityMoE(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """(B, S, D) states, (B, S) keep-mask and modality ids -> (B, S, D); padding positions get zeros."""
         tokens, kinds = x[keep], modality[keep]  # (R, D), (R,): real tokens only
-        logits = self.router(tokens).float() + self.modality_bias[kinds]  # (R, E)
+        logits = self.router(tokens).float() + self.modality_bias[kinds] + self.group_mask[kinds]  # (R, E)
         probs = logits.softmax(dim=-1)
         gates, chosen = probs.topk(self.top_k, dim=-1)  # (R, K)
         out = torch.zeros_like(tokens)
@@ -77,7 +94,16 @@ class ModalityMoE(nn.Module):
             usage = torch.zeros(N_MODALITIES, e, device=probs.device).index_add(0, kinds, assigned)
             self.stats.usage = self.stats.usage.to(probs.device) + usage
         if self.training and torch.is_grad_enabled() and len(probs):
-            self.stats.aux_losses.append(load_balancing_loss(probs, chosen))
+            self.stats.aux_losses.append(self._balance(probs, chosen, kinds))
+
+    def _balance(self, probs: torch.Tensor, chosen: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """The load-balancing loss over all tokens; grouped, its mean over each modality within its group."""
+        if not self.grouped:
+            return load_balancing_loss(probs, chosen)
+        group = probs.shape[-1] // 2
+        losses = [load_balancing_loss(probs[kinds == m][:, m * group:(m + 1) * group], chosen[kinds == m] - m * group)
+                  for m in range(N_MODALITIES) if bool((kinds == m).any())]
+        return torch.stack(losses).mean()
 
 
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

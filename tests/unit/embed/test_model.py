@@ -173,8 +173,12 @@ def test_moe_blocks_follow_moe_every(tiny_config: EncoderConfig) -> None:
     assert [isinstance(b.mlp, ModalityMoE) for b in other.blocks] == [False, True]
     layer = other.blocks[1].mlp
     assert (len(layer.experts), len(layer.shared), layer.top_k) == (4, 1, 2)
-    with pytest.raises(ValueError, match=r"moe_top_k=5 must be in \[1, moe_experts=4\]"):
+    with pytest.raises(ValueError, match=r"moe_top_k=5 must be in \[1, 4\]"):
         dataclasses.replace(tiny_config, moe_experts=4, moe_top_k=5)
+    with pytest.raises(ValueError, match=r"moe_top_k=3 must be in \[1, 2\]"):
+        dataclasses.replace(tiny_config, moe_experts=4, moe_top_k=3, moe_routing="grouped")
+    with pytest.raises(ValueError, match="moe_experts=3 must be even"):
+        dataclasses.replace(tiny_config, moe_experts=3, moe_routing="grouped")
     with pytest.raises(ValueError, match="moe_every=0"):
         dataclasses.replace(tiny_config, moe_experts=4, moe_every=0)
 
@@ -220,3 +224,20 @@ def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed() -> 
     assert float(load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long))) == pytest.approx(3.88)
     usage = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
     assert routing_distance(usage).tolist() == [1.0, 0.0]
+
+
+def test_grouped_routing_keeps_text_and_image_tokens_in_their_own_experts(tiny_config: EncoderConfig) -> None:
+    torch.manual_seed(0)
+    model = UnifiedEncoder(dataclasses.replace(tiny_config, moe_experts=4, moe_top_k=1, moe_routing="grouped"))
+    size = tiny_config.image_size
+    batch = collate([[20, 21, 22], [], [23]], [[], [_pixels(0, size)], [_pixels(1, size), _pixels(2, size)]],
+                    tiny_config)
+    reset_routing(model)
+    out = model.train()(batch)
+    usage = torch.stack([layer.stats.usage for layer in moe_layers(model)])  # (L, 2, E) counts
+    assert usage[:, 0, 2:].sum() == 0 and usage[:, 1, :2].sum() == 0  # no token crosses to the other group
+    assert usage[:, 0, :2].sum() > 0 and usage[:, 1, 2:].sum() > 0
+    aux = auxiliary_loss(model)
+    assert aux is not None and 1.0 <= float(aux) / len(model.blocks) <= 2.0  # per-group Switch loss: 1 = balanced
+    (out.sum() + aux).backward()
+    assert all(p.grad is not None for p in model.parameters())
