@@ -248,14 +248,18 @@ def _evaluate(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) 
 
 def _register(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> dict[str, Any]:
     ev = steps["evaluate"]
-    version = register_encoder(Path(steps["train"]["encoder_dir"]), steps["train"]["run_id"],
-                               {**ev["candidate"], "train_loss": steps["train"]["train_loss"]},
-                               model_name=config.model_name, alias=None)
-    # promote() compares recorded tags: record the champion's score on this very split beside the candidate's
     client = MlflowClient()
+    run_id = steps["train"]["run_id"]
+    # a crash after registering but before the state was saved: reuse that version, do not register twice
+    earlier = client.search_model_versions(f"name='{config.model_name}' and run_id='{run_id}'")
+    version = str(earlier[0].version) if earlier else register_encoder(
+        Path(steps["train"]["encoder_dir"]), run_id, {**ev["candidate"], "train_loss": steps["train"]["train_loss"]},
+        model_name=config.model_name, alias=None)
+    # promote() compares recorded tags: record the champion's score on this very split beside the candidate's
     champion = steps["champion"]["version"]
     for key in REPORTED:
-        client.set_model_version_tag(config.model_name, champion, metric_tag(key), f"{ev['champion'][key]:.6g}")
+        for v, who in ((champion, "champion"), (version, "candidate")):
+            client.set_model_version_tag(config.model_name, v, metric_tag(key), f"{ev[who][key]:.6g}")
     note = json.dumps({"refresh": str(config.workdir.resolve()), "n_users": ev["n_users"]})
     for v in (champion, version):
         client.set_model_version_tag(config.model_name, v, "onetower.evaluation", note)
