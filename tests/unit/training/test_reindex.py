@@ -314,3 +314,21 @@ def test_the_ray_engine_gives_the_local_vectors_and_writes_resumable_shards_as_i
     local, ray = load_version(base.root), load_version(root)
     assert ray.ids.item_ids == local.ids.item_ids  # same order: Ray keeps the catalog order
     np.testing.assert_allclose(ray.vectors, local.vectors, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # one more Ray job on the module's Ray: 19 s measured at load average ~10
+def test_the_reindex_command_runs_the_ray_engine(base: Base, tmp_path: Path, ray_session: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    monkeypatch.chdir(tmp_path)  # the default sqlite tracking store goes here
+    result = CliRunner().invoke(app, ["reindex", "--catalog", str(base.catalog), "--index-root", str(tmp_path / "ix"),
+                                      "--model", str(base.encoder_dir), "--device", "cpu", "--kind", "flat",
+                                      "--batch-size", "4", "--engine", "ray"],
+                                env={"ONETOWER_REINDEX_ENGINE": "", "RAY_ADDRESS": ""})
+    assert result.exit_code == 0, result.output
+    assert f"{N_ITEMS - 2} embedded" in " ".join(result.output.split())
+    np.testing.assert_allclose(load_version(tmp_path / "ix").vectors, load_version(base.root).vectors, rtol=0,
+                               atol=1e-6)
