@@ -295,7 +295,7 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.mark.slow  # a local Ray + one actor: measured 71 s on 2 cores at load average 15 (ray.init alone: 5 s idle)
+@pytest.mark.slow  # a local Ray + one actor: 39 s (setup + call) at load average 7-10, 71 s at 15
 def test_the_ray_engine_gives_the_local_vectors_and_writes_resumable_shards_as_it_goes(
         base: Base, tmp_path: Path, ray_session: None) -> None:
     from training.reindex_ray import RayEngine
