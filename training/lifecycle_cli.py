@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from mlflow import MlflowClient
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from training.cli import load_train_config, use_tracking
@@ -57,7 +58,7 @@ def evaluate(
 
     Writes OUT/metrics.json, OUT/report.md and PNG plots (recall@K with 95% bootstrap intervals,
     a 2D projection of item embeddings, a neighbour gallery of cold items), and logs them to MLflow.
-    stitched_pretrained needs `pip install 'onetower[baselines]'`; without it, it is reported as skipped.
+    stitched_pretrained needs the optional `baselines` extra; without it, it is reported as skipped.
     """
     use_tracking(tracking_uri, Path.cwd())
     train_config = load_train_config(config or EVAL_CONFIGS.get(preset or "", "tiny"))
@@ -86,7 +87,7 @@ def evaluate(
         table.add_column(col)
     for name, m in result["models"].items():
         if "skipped" in m:
-            table.add_row(name, "skipped", m["skipped"], "")
+            table.add_row(name, "skipped", escape(m["skipped"]), "")  # the reason names pip's [extra]
             continue
         lo, hi = m.get("recall@20_ci", [float("nan")] * 2)
         table.add_row(name, f"{m['recall@20']:.4f}", f"[{lo:.4f}, {hi:.4f}]", f"{m['ndcg@20']:.4f}")
