@@ -25,7 +25,14 @@ from embed.load import save_encoder
 from training.config import STAGES, TrainConfig
 from training.features import AlignmentCollator, ItemFeatures, RowDataset, UnimodalCollator, rows_with
 from training.stages import AlignmentStage, EncoderStage, UnimodalPretrainStage, init_from
-from training.train import TrainResult, build_trainer, compile_encoder, prepare_features, recommendation_setup
+from training.train import (
+    TrainResult,
+    build_trainer,
+    compile_encoder,
+    loader_workers,
+    prepare_features,
+    recommendation_setup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +133,5 @@ def _stage_setup(stage: int, features: ItemFeatures, interactions: Path, enc_con
                                 moe_aux_weight=config.moe_aux_weight)
     loader: torch.utils.data.DataLoader[int] = torch.utils.data.DataLoader(
         RowDataset(rows), batch_size=min(config.batch_size, len(rows)), shuffle=True,
-        drop_last=len(rows) > config.batch_size, collate_fn=collator, num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0)
+        drop_last=len(rows) > config.batch_size, collate_fn=collator, **loader_workers(config.num_workers))
     return module, loader

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,30 +24,49 @@ from embed.tokens import TextTokenizer
 logger = logging.getLogger(__name__)
 
 
+def _decode_images(blobs: Sequence[bytes], size: int, item_id: str) -> tuple[list[np.ndarray], list[str]]:
+    """One item's images decoded at `size`, and a message per image that could not be (module level: picklable)."""
+    decoded, errors = [], []
+    for j, data in enumerate(blobs):
+        try:
+            decoded.append(decode_image(data, size, f"images[{j}]"))
+        except InvalidItemError as e:
+            errors.append(f"item {item_id}: {e}")
+    return decoded, errors
+
+
 class ItemFeatures:
-    """Tokens and decoded images per catalog row, so training batches are cheap to assemble."""
+    """Tokens and decoded images per catalog row, so training batches are cheap to assemble.
+
+    With `workers > 0` images are decoded in that many worker processes, started with `spawn` (never
+    `fork`: the parent holds torch's and OpenMP's threads, which a forked child inherits half-initialised).
+    """
 
     def __init__(self, items: Sequence[Item], tokenizer: TextTokenizer, config: EncoderConfig,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, workers: int = 0) -> None:
         self.config = config
         self.item_ids = [it.item_id for it in items]
         self.row_of = {item_id: i for i, item_id in enumerate(self.item_ids)}
         self.tokens = tokenizer.encode_batch([it.text for it in items], config.max_text_tokens)
+        blobs = [it.images[: config.max_images] for it in items]
+        size = [config.image_size] * len(items)
         self.images: list[list[np.ndarray]] = []
-        skipped = 0
-        for it in items:
-            decoded = []
-            for j, data in enumerate(it.images[: config.max_images]):
-                try:
-                    decoded.append(decode_image(data, config.image_size, f"images[{j}]"))
-                except InvalidItemError as e:
-                    skipped += 1
-                    logger.warning("item %s: %s", it.item_id, e)
-            self.images.append(decoded)
-            if progress is not None:
-                progress(1)
-        if skipped:
-            logger.warning("%d images could not be decoded and were left out", skipped)
+        errors: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if workers > 0 and any(blobs):
+                pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+                results = pool.map(_decode_images, blobs, size, self.item_ids, chunksize=32)
+            else:
+                results = map(_decode_images, blobs, size, self.item_ids)
+            for decoded, failed in results:
+                self.images.append(decoded)
+                errors += failed
+                if progress is not None:
+                    progress(1)
+        for message in errors:
+            logger.warning("%s", message)
+        if errors:
+            logger.warning("%d images could not be decoded and were left out", len(errors))
 
     def __len__(self) -> int:
         return len(self.item_ids)

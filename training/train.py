@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytorch_lightning as pl
@@ -70,6 +71,12 @@ def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
                        is_global_zero=trainer.is_global_zero)
 
 
+def loader_workers(n: int) -> dict[str, Any]:
+    """DataLoader settings for `n` worker processes: spawned (not forked from a process holding torch's
+    threads) and kept alive between epochs."""
+    return {"num_workers": n, "persistent_workers": n > 0, "multiprocessing_context": "spawn" if n > 0 else None}
+
+
 def prepare_features(catalog: Path, config: TrainConfig) -> tuple[TextTokenizer, EncoderConfig, ItemFeatures]:
     """Read the catalog, keep `config.modalities`, train the tokenizer and featurise every item.
 
@@ -80,7 +87,7 @@ def prepare_features(catalog: Path, config: TrainConfig) -> tuple[TextTokenizer,
                                            with_images=config.modalities != "text"), config.modalities)
     tokenizer = TextTokenizer.train((it.text for it in items), enc_config.vocab_size)
     enc_config = dataclasses.replace(enc_config, vocab_size=tokenizer.vocab_size)
-    return tokenizer, enc_config, ItemFeatures(items, tokenizer, enc_config)
+    return tokenizer, enc_config, ItemFeatures(items, tokenizer, enc_config, workers=config.num_workers)
 
 
 def recommendation_setup(features: ItemFeatures, interactions: Path, enc_config: EncoderConfig,
@@ -90,8 +97,7 @@ def recommendation_setup(features: ItemFeatures, interactions: Path, enc_config:
     pairs = co_engagement_pairs(read_interactions(interactions), features.row_of, config.window, len(features))
     loader = torch.utils.data.DataLoader(
         PairDataset(pairs), batch_size=config.batch_size, shuffle=True, drop_last=len(pairs.anchors) > config.batch_size,
-        collate_fn=PairCollator(features), num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0)
+        collate_fn=PairCollator(features), **loader_workers(config.num_workers))
     module = RecommendationStage(
         encoder_config=dataclasses.asdict(enc_config), lr=config.lr, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps, max_steps=max_steps, temperature=config.temperature,

@@ -70,3 +70,30 @@ def test_interactions_defaults(tmp_path: Path) -> None:
     pl.DataFrame({"item_id": ["a"]}).write_parquet(tmp_path / "k.parquet")
     with pytest.raises(CatalogError, match="user_id"):
         read_interactions(tmp_path / "k.parquet")
+
+
+def test_images_decoded_in_spawned_workers_equal_in_process_decoding(caplog: pytest.LogCaptureFixture) -> None:
+    import numpy as np
+
+    from embed.config import preset
+    from embed.items import Item
+    from embed.tokens import TextTokenizer
+    from training.features import ItemFeatures
+
+    def png(colour: tuple[int, int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 24), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    items = [Item(item_id=f"i{n}", title=f"red bag {n}", images=(png((n * 9 % 256, 40, 200)),)) for n in range(40)]
+    items.append(Item(item_id="broken", title="torn", images=(png((1, 2, 3))[:30],)))
+    config = preset("tiny")
+    tokenizer = TextTokenizer.train((it.text for it in items), 300)
+    local = ItemFeatures(items, tokenizer, config)
+    with caplog.at_level("WARNING"):
+        spawned = ItemFeatures(items, tokenizer, config, workers=2)
+    assert [len(x) for x in spawned.images] == [1] * 40 + [0]
+    for a, b in zip(local.images, spawned.images, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len({x[0].tobytes() for x in spawned.images[:40]}) > 20  # the decoded pixels differ per item
+    assert "item broken:" in caplog.text and "1 images could not be decoded" in caplog.text
