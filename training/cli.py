@@ -87,12 +87,13 @@ class LogLevel(str, Enum):
 
 
 def configure_logging(level: str | None = None) -> None:
-    """Send log records through rich to stderr, once; later calls with a level only change the level.
+    """Send log records through rich to stderr unless a handler is already there (e.g. the JSON lines
+    `onetower --log-format json` installs); later calls with a level only change the level.
 
     Without a level the first call uses `ONETOWER_LOG_LEVEL`, else INFO.
     """
     root = logging.getLogger()
-    fresh = not any(isinstance(h, RichHandler) for h in root.handlers)
+    fresh = not root.handlers
     if fresh:
         root.addHandler(RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True))
         for quiet in _QUIET_LOGGERS:
