@@ -206,7 +206,7 @@ class Writer(threading.Thread):
         self.number, self.target, self.ledger, self.owned = number, target, ledger, owned
         self.rng, self.acked = random.Random(seed), acked
         self.cut_sent_at: float | None = None  # when the request the server never answered was sent
-        self.error: grpc.RpcError | None = None
+        self.error: Exception | None = None
 
     def run(self) -> None:
         with Client(self.target, timeout=20) as c:
@@ -224,6 +224,9 @@ class Writer(threading.Thread):
                     if e.code() != grpc.StatusCode.UNAVAILABLE:  # anything but "the server is gone" is a failure
                         self.error = e
                     self.cut_sent_at = sent_at
+                    return
+                except AssertionError as e:  # the server answered, but not what was asked
+                    self.error = e
                     return
                 self.ledger.acknowledge(changes)
                 self.acked.release()
