@@ -32,7 +32,9 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     embed_dim: int = 128  # length of the vector stored in FAISS
-    pool: str = "mean"  # "mean" over real tokens and patches (trains far faster from scratch) or "cls"
+    # "mean" over real tokens and patches (trains far faster from scratch), "cls", or "modality": the text
+    # mean and the patch mean concatenated (2*width into the head), so text length cannot drown the image
+    pool: str = "mean"
     # "unified": one early-fusion transformer (embed/model.py); "stitched": the late-fusion baseline of
     # separate text and image towers with the same parameter budget (embed/stitched.py)
     architecture: str = "unified"
@@ -54,8 +56,8 @@ class EncoderConfig:
                      "depth", "heads", "embed_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.pool not in ("mean", "cls"):
-            raise ValueError(f"pool={self.pool!r} must be 'mean' or 'cls'")
+        if self.pool not in ("mean", "cls", "modality"):
+            raise ValueError(f"pool={self.pool!r} must be 'mean', 'cls' or 'modality'")
         if self.architecture not in ("unified", "stitched"):
             raise ValueError(f"architecture={self.architecture!r} must be 'unified' or 'stitched'")
         if not 0.0 <= self.dropout < 1.0:

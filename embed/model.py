@@ -2,7 +2,8 @@
 
 Text tokens and ViLT-style linearly projected image patches share one width and one sequence;
 modality-type embeddings, 1D text positions and 2D patch positions tell them apart. A missing
-modality is simply absent (masked out). The pooled [CLS] state is projected and L2-normalised.
+modality is simply absent (masked out). The pooled sequence (mean, [CLS], or per-modality means) is
+projected and L2-normalised.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class UnifiedEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, config.heads, config.mlp_ratio, config.dropout, _moe(config, i)) for i in range(config.depth))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, config.embed_dim)
+        # "modality" pooling feeds concat(text mean, image mean): (2D) -> embed_dim, as stitched's head
+        self.head = nn.Linear(2 * d if config.pool == "modality" else d, config.embed_dim)
         # Centre and scale each output dimension over the batch before L2 normalisation (running
         # statistics at inference, so it is a fixed affine map there). Without it, in-batch softmax
         # from scratch collapses every item onto one direction within a few dozen steps.
@@ -129,22 +131,39 @@ class UnifiedEncoder(nn.Module):
             x = block(x, keep, modality)
         return self.norm(x), keep
 
-    def pool(self, states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) -> (B, D): the [CLS] state, or the mean over real tokens and patches."""
+    def pool(self, states: torch.Tensor, keep: torch.Tensor, n_text: int | None = None) -> torch.Tensor:
+        """(B, S, D) -> (B, D): the [CLS] state or the mean over real tokens and patches; (B, 2D) for "modality".
+
+        "modality": the mean over the real text positions (the first `n_text`) and the mean over the real
+        patches, concatenated, zero where the item lacks the modality (as the stitched model pools), so the
+        image keeps its own half however many tokens the text has. Attention still mixes both in every block.
+        """
         if self.config.pool == "cls":
             return states[:, 0]
-        w = keep.unsqueeze(-1).to(states.dtype)  # (B, S, 1)
-        return (states * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if self.config.pool != "modality":
+            return _masked_mean(states, keep)
+        if n_text is None:
+            raise ValueError("pool='modality' needs n_text (the text length T) to split text from patches")
+        t = n_text
+        has_text = keep[:, :t].sum(1) > 1  # more than [CLS]: the item has text
+        text = _masked_mean(states[:, :t], keep[:, :t]) * has_text[:, None]
+        return torch.cat([text, _masked_mean(states[:, t:], keep[:, t:])], dim=-1)  # (B, 2D)
 
     def forward(self, batch: EncoderInput) -> torch.Tensor:
         """Unit item vectors (B, embed_dim) from the pooled sequence."""
         states, keep = self.hidden_states(batch)
-        h = self.head(self.pool(states, keep)).float()
+        h = self.head(self.pool(states, keep, batch.token_ids.shape[1])).float()
         if self.training and h.shape[0] == 1:
             h = F.batch_norm(h, self.out_norm.running_mean, self.out_norm.running_var, training=False)
         else:
             h = self.out_norm(h)
         return F.normalize(h, dim=-1)
+
+
+def _masked_mean(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, S, D) -> (B, D): mean over the kept positions; zero for a row with none (or S = 0)."""
+    w = keep.unsqueeze(-1).to(states.dtype)  # (B, S, 1)
+    return (states * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 def _moe(config: EncoderConfig, block: int) -> ModalityMoE | None:

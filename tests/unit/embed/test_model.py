@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from embed.batch import collate
 from embed.config import PRESETS, EncoderConfig, preset
 from embed.images import patchify, to_tensor
+from embed.load import load_model, save_encoder
 from embed.model import EncoderInput, UnifiedEncoder
 from embed.moe import (
     ModalityMoE,
@@ -21,6 +23,7 @@ from embed.moe import (
     routing_distance,
     routing_usage,
 )
+from embed.tokens import TextTokenizer
 
 
 def _pixels(seed: int, size: int) -> np.ndarray:
@@ -159,6 +162,47 @@ def test_gradients_reach_both_modalities(model: UnifiedEncoder) -> None:
     assert model.token_embed.weight.grad is not None and model.token_embed.weight.grad[20].abs().sum() > 0
     assert model.patch_proj.weight.grad is not None and model.patch_proj.weight.grad.abs().sum() > 0
     assert model.token_embed.weight.grad[0].abs().sum() == 0  # [PAD] never used
+
+
+def test_modality_pooling_means_each_modality_apart_zero_when_missing_and_ignores_padding(
+        tiny_config: EncoderConfig) -> None:
+    model = UnifiedEncoder(dataclasses.replace(tiny_config, pool="modality")).eval()
+    d = tiny_config.width
+    assert model.head.in_features == 2 * d
+    # T = 4 text positions, then 2 images x 2 patches; rows: text only, image only, both
+    text_mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    patch_keep = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    keep = torch.cat([text_mask, patch_keep], dim=1)  # (3, 8)
+    states = torch.full((3, 8, d), 1e6)  # padding: would dominate any mean it leaked into
+    states[0, :3], states[1, 0], states[1, 4:6] = torch.tensor([1.0, 2.0, 3.0])[:, None], 7.0, 4.0
+    states[2, :2], states[2, 4:] = torch.tensor([5.0, 7.0])[:, None], torch.tensor([1.0, 3.0, 5.0, 7.0])[:, None]
+    pooled = model.pool(states, keep, n_text=4)  # (3, 2D)
+    assert pooled.shape == (3, 2 * d)
+    expected = torch.tensor([[2.0, 0.0], [0.0, 4.0], [6.0, 4.0]])  # (text mean, image mean); [CLS] alone: no text
+    assert torch.equal(pooled.view(3, 2, d), expected[:, :, None].expand(3, 2, d))
+    with pytest.raises(ValueError, match="needs n_text"):
+        model.pool(states, keep)
+    assert UnifiedEncoder(tiny_config).pool(states[:, :4], text_mask).shape == (3, d)  # "mean" unchanged
+    assert torch.equal(UnifiedEncoder(dataclasses.replace(tiny_config, pool="cls")).pool(states, keep), states[:, 0])
+
+
+def test_modality_pooling_encoder_is_padding_invariant_and_round_trips(
+        tiny_config: EncoderConfig, tokenizer: TextTokenizer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = UnifiedEncoder(dataclasses.replace(tiny_config, pool="modality", vocab_size=tokenizer.vocab_size)).eval()
+    size = tiny_config.image_size
+    one_image, two_images = [_pixels(6, size)], [_pixels(7, size), _pixels(8, size)]
+    alone = _encode(model, [[30, 31], [30, 31], []], [[], one_image, one_image])
+    batched = _encode(model, [[30, 31], list(range(40, 60)), [30, 31], [], [40, 41]],
+                      [[], two_images, one_image, one_image, []])
+    for i, j in ((0, 0), (2, 1), (3, 2)):
+        assert _max_diff(batched[i], alone[j]) <= 1e-5
+    text, image, both = alone[0], alone[2], alone[1]
+    assert not torch.allclose(both, text, atol=1e-3) and not torch.allclose(both, image, atol=1e-3)
+    save_encoder(tmp_path, model, tokenizer)
+    loaded, _ = load_model(tmp_path)
+    assert loaded.config.pool == "modality"
+    assert _max_diff(_encode(loaded.eval(), [[30, 31], []], [one_image, one_image]), alone[1:]) <= 1e-6  # type: ignore[arg-type]
 
 
 def _moe_model(tiny_config: EncoderConfig, **overrides: int) -> UnifiedEncoder:
