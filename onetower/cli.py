@@ -19,8 +19,7 @@ from service.logs import FORMATS, configure_logging, set_format
 from service.server import start_server
 from training import cli as training_cli
 from training import lifecycle_cli
-from training.promote import DEFAULT_METRIC
-from training.refresh import REPORTED, RefreshConfig, refresh, summary_table
+from training.promote import DEFAULT_METRIC, REPORTED
 from training.register import DEFAULT_ALIAS, MODEL_NAME
 
 console = Console()
@@ -137,6 +136,9 @@ def refresh_command(
     _, artifact_root = training_cli.use_tracking(tracking_uri, Path.cwd())
     try:
         train_config = training_cli.load_train_config(config).replace(max_steps=max_steps)
+        # Lightning loads here, not for serve
+        from training.refresh import RefreshConfig, refresh, summary_table
+
         settings = RefreshConfig(catalog=catalog.resolve(), interactions=interactions.resolve(),
                                  workdir=workdir.resolve(), index_root=index_root.resolve(), train=train_config,
                                  holdout=holdout.resolve() if holdout else None, holdout_fraction=holdout_items,

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import mlflow
 import polars as pl
@@ -39,7 +39,6 @@ from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.publish import load_version, read_current
 from training.config import TrainConfig
-from training.curriculum import run_stages
 from training.data import CatalogError
 from training.register import (
     DEFAULT_ALIAS,
@@ -51,7 +50,9 @@ from training.register import (
 )
 from training.reindex import ReindexResult, reindex
 from training.synthetic import SynthConfig, SynthDataset, generate
-from training.train import TrainResult, train
+
+if TYPE_CHECKING:  # Lightning (in training.train and training.curriculum) loads only for the commands that train
+    from training.train import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,9 @@ def train_command(
     uri, artifact_root = use_tracking(tracking_uri, Path.cwd())
     ensure_experiment(cfg.experiment, artifact_root)
     _out.print(f"training the [bold]{cfg.encoder}[/] encoder for {cfg.max_steps} steps; tracking at {uri}")
+    from training.curriculum import run_stages
+    from training.train import train
+
     try:
         wanted = tuple(int(x) for x in stages.split(",") if x.strip())
         if wanted == (3,):
@@ -449,6 +453,8 @@ def prepare_demo(workdir: Path, n_items: int = 2000, n_users: int = 600, config:
         out.print(f"reusing {MODEL_NAME} version {version} (@{DEFAULT_ALIAS})")
     else:
         out.print(f"training the [bold]{cfg.encoder}[/] encoder for {cfg.max_steps} steps")
+        from training.train import train
+
         result = train(dataset.catalog, dataset.interactions, workdir / "runs", cfg, progress_bar=True)
         _print_train(result, out)
         version = register_encoder(result.encoder_dir, result.run_id, result.metrics)

@@ -23,6 +23,7 @@ from training.register import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "recall@20"  # tagged on versions (see register.metric_tag) by `onetower evaluate`
+REPORTED = ("recall@20", "ndcg@20", "recall@50")  # what `refresh` tags on both versions; DEFAULT_METRIC decides
 
 
 class PromotionError(RuntimeError):

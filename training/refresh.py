@@ -47,7 +47,7 @@ from training.data import iter_items, read_catalog, read_interactions
 from training.evaluate import DEFAULT_KS, evaluate_embeddings, split_holdout_items
 from training.evaluate import embed_items as embed_for_eval
 from training.features import ItemFeatures
-from training.promote import DEFAULT_METRIC, PromotionError, promote
+from training.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote
 from training.register import DEFAULT_ALIAS, MODEL_NAME, metric_tag, register_encoder, resolve_model
 from training.reindex import DEFAULT_KEEP_VERSIONS, reindex
 from training.stages import init_from
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "refresh-state.json"
 WORK_FOLDERS = ("split", "train", "candidate", "reindex-shards")  # one refresh's files; model-cache is shared
 STEPS = ("champion", "split", "train", "evaluate", "register", "reindex", "promote")
-REPORTED = ("recall@20", "ndcg@20", "recall@50")  # tagged on both versions; DEFAULT_METRIC decides
 
 
 @dataclass(frozen=True)
