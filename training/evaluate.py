@@ -349,7 +349,7 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
     metrics["files"] = [str(p) for p in write_report(metrics, out_dir, native, items, _item_labels(data, items),
                                                      [it.item_id for it in items if it.item_id in cold])]
     if log_to_mlflow:
-        _log_report(metrics, out_dir)
+        _log_report(metrics, out_dir, config.experiment)
     return metrics
 
 
@@ -378,11 +378,15 @@ def _seed_mean(runs: Sequence[UserMetrics]) -> dict[str, np.ndarray]:
     return {k: np.mean([r.values[k] for r in runs], axis=0) for k in runs[0].values}
 
 
-def _log_report(metrics: Mapping[str, Any], out_dir: Path) -> None:
-    """An MLflow run `evaluate-<preset>` with every model's Recall@K/NDCG@K and the report files as artifacts."""
+def _log_report(metrics: Mapping[str, Any], out_dir: Path, experiment: str) -> None:
+    """An MLflow run `evaluate-<preset>` in `experiment` with every model's Recall@K/NDCG@K and the report files
+    as artifacts. The experiment is named, not taken from MLflow's process-wide "active experiment", which
+    may belong to another tracking store."""
     import mlflow
 
-    with mlflow.start_run(run_name=f"evaluate-{metrics['preset']}") as run:
+    from training.register import ensure_experiment
+
+    with mlflow.start_run(run_name=f"evaluate-{metrics['preset']}", experiment_id=ensure_experiment(experiment)) as run:
         mlflow.log_params({"preset": metrics["preset"], "seeds": ",".join(map(str, metrics["seeds"])),
                            "n_users": metrics["n_users"], "n_cold_items": metrics["n_cold_items"]})
         mlflow.log_metrics({f"{model}.{k.replace('@', '_at_')}": float(v) for model, row in metrics["models"].items()

@@ -50,6 +50,9 @@ def register_encoder(encoder_dir: Path, run_id: str, metrics: dict[str, float], 
     missing = [f for f in embed_load.ENCODER_FILES if not (encoder_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{encoder_dir} lacks {missing}: not an encoder directory")
+    # MLflow refuses to resume a run outside its process-wide "active experiment" (set by an earlier
+    # set_experiment, possibly against another store): make the run's own experiment the active one.
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="encoder", python_model=str(PYFUNC_FILE), artifacts={"encoder": str(encoder_dir)},

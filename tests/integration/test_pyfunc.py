@@ -62,7 +62,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("pyfunc")
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_id=ensure_experiment("pyfunc-tests", root / "artifacts"))
+    experiment = ensure_experiment("pyfunc-tests", root / "artifacts")
     tokenizer = TextTokenizer.train(TEXTS, vocab_size=300)
     torch.manual_seed(0)
     model = UnifiedEncoder(preset("tiny", vocab_size=tokenizer.vocab_size, moe_experts=2, moe_every=2))
@@ -70,7 +70,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         model.out_norm.running_mean.normal_(0, 0.1)
         model.out_norm.running_var.uniform_(0.5, 2.0)
     encoder_dir = save_encoder(root / "encoder", model, tokenizer)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment) as run:
         pass
     assert register_encoder(encoder_dir, run.info.run_id, {"recall@20": 0.5}) == "1"
     yield encoder_dir
