@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from embed.items import Item
+from training.config import MODALITIES
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +131,20 @@ def read_interactions(path: Path) -> pl.DataFrame:
     if "ts" not in df.columns:
         cols.append(pl.int_range(pl.len()).cast(pl.Datetime("ms")).alias("ts"))
     return df.with_columns(cols).with_columns(pl.col("weight").cast(pl.Float64).fill_null(1.0))
+
+
+def restrict_modalities(items: Iterable[Item], modalities: str) -> list[Item]:
+    """Items with only the kept modality: "both" (all items, unchanged), "text" or "image".
+
+    Dropping text clears title, description and attributes (attributes are text to the encoder);
+    with one modality dropped, items left with nothing are dropped too.
+    """
+    if modalities not in MODALITIES:
+        raise ValueError(f"modalities={modalities!r} must be one of {list(MODALITIES)}")
+    if modalities == "text":
+        kept = (dataclasses.replace(it, images=()) for it in items)
+    elif modalities == "image":
+        kept = (dataclasses.replace(it, title="", description="", attributes={}) for it in items)
+    else:
+        return list(items)
+    return [it for it in kept if it.has_text or it.images]

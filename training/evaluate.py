@@ -41,11 +41,10 @@ from embed.items import Item
 from embed.load import load_encoder
 from training.baselines import BaselineUnavailable, PretrainedStitchedEncoder
 from training.config import TrainConfig
-from training.data import iter_items, read_catalog, read_interactions
+from training.data import iter_items, read_catalog, read_interactions, restrict_modalities
 from training.reindex import embed_items as embed_batch
 from training.report import write_report
 from training.synthetic import TRAIT_KINDS
-from training.train import restrict_modalities, train
 
 logger = logging.getLogger(__name__)
 
@@ -424,6 +423,8 @@ def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_
         modalities, architecture = TRAINED[name]
         cfg = config.replace(seed=seed, modalities=modalities,
                              encoder_overrides={**config.encoder_overrides, "architecture": architecture})
+        from training.train import train  # Lightning: only when a model is trained
+
         result = train(catalog, train_path, out_dir / "models" / f"{name}-seed{seed}", cfg, progress_bar)
         encoder = load_encoder(result.encoder_dir)
         n_params = sum(p.numel() for p in encoder.model.parameters())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
 from embed.config import EncoderConfig
-from embed.items import Item
 from embed.load import save_encoder
 from embed.model import Block
 from embed.tokens import TextTokenizer
-from training.config import MODALITIES, TrainConfig
-from training.data import iter_items, read_catalog, read_interactions
+from training.config import TrainConfig
+from training.data import iter_items, read_catalog, read_interactions, restrict_modalities
 from training.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
 from training.stages import RecommendationStage
 from training.throughput import Throughput
@@ -103,23 +101,6 @@ def recommendation_setup(features: ItemFeatures, interactions: Path, enc_config:
         warmup_steps=config.warmup_steps, max_steps=max_steps, temperature=config.temperature,
         log_q=pairs.log_q.tolist() if config.logq_correction else None, moe_aux_weight=config.moe_aux_weight)
     return module, loader
-
-
-def restrict_modalities(items: Iterable[Item], modalities: str) -> list[Item]:
-    """Items with only the kept modality: "both" (all items, unchanged), "text" or "image".
-
-    Dropping text clears title, description and attributes (attributes are text to the encoder);
-    with one modality dropped, items left with nothing are dropped too.
-    """
-    if modalities not in MODALITIES:
-        raise ValueError(f"modalities={modalities!r} must be one of {list(MODALITIES)}")
-    if modalities == "text":
-        kept = (dataclasses.replace(it, images=()) for it in items)
-    elif modalities == "image":
-        kept = (dataclasses.replace(it, title="", description="", attributes={}) for it in items)
-    else:
-        return list(items)
-    return [it for it in kept if it.has_text or it.images]
 
 
 def compile_encoder(encoder: torch.nn.Module) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from training.baselines import BaselineUnavailable
 from training.config import TrainConfig
-from training.data import iter_items, read_catalog
+from training.data import iter_items, read_catalog, restrict_modalities
 from training.evaluate import (
     EvalData,
     embed_items,
@@ -26,7 +26,6 @@ from training.evaluate import (
     user_metrics,
 )
 from training.synthetic import SynthConfig, generate
-from training.train import restrict_modalities
 
 T0 = datetime(2024, 1, 1)
 
