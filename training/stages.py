@@ -185,7 +185,7 @@ class AlignmentStage(EncoderStage):
         super().__init__(encoder_config, lr, weight_decay, warmup_steps, max_steps, moe_aux_weight)
         self.save_hyperparameters()
         self.temperature = temperature
-        self.itm_head = nn.Linear(self.encoder.config.width, 1)
+        self.itm_head = nn.Linear(self.encoder.head.in_features, 1)  # the pooled width (2x for per-modality pools)
 
     def itm_loss(self, joint: EncoderInput) -> torch.Tensor:
         """BCE of the matching head on matched (label 1) and image-shuffled (label 0) joint sequences."""
@@ -202,7 +202,7 @@ class AlignmentStage(EncoderStage):
     def itm_logits(self, batch: EncoderInput) -> torch.Tensor:
         """(B,) matching logits from the pooled joint sequence."""
         states, keep = self.encoder.hidden_states(batch)
-        return self.itm_head(self.encoder.pool(states, keep)).squeeze(-1).float()
+        return self.itm_head(self.encoder.pool(states, keep, batch.token_ids.shape[1])).squeeze(-1).float()
 
     def training_step(self, batch: tuple[EncoderInput, EncoderInput, EncoderInput, torch.Tensor],
                       batch_idx: int) -> torch.Tensor:

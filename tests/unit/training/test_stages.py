@@ -262,3 +262,16 @@ def test_lightningcli_style_sections_flatten_into_the_train_config() -> None:
     assert (gpu.precision, gpu.compile, gpu.encoder_config().moe_every, gpu.steps_for(2)) == ("bf16-mixed", True, 2, 3000)
     cpu = TrainConfig.from_dict(yaml.safe_load((configs / "curriculum.yaml").read_text()))
     assert (cpu.encoder, cpu.steps_for(1), cpu.steps_for(3)) == ("demo", 100, 150)
+
+
+@pytest.mark.parametrize("overrides", [{"pool": "modality"}, {"architecture": "stitched"}])
+def test_alignment_runs_on_encoders_whose_pooled_width_differs(prepared: tuple[EncoderConfig, ItemFeatures],
+                                                               overrides: dict[str, str]) -> None:
+    enc_config, features = prepared
+    config = dataclasses.replace(enc_config, **overrides)
+    module = AlignmentStage(dataclasses.asdict(config), lr=3e-3, weight_decay=0.0, warmup_steps=1, max_steps=3,
+                            temperature=0.1)
+    assert module.itm_head.in_features == module.encoder.head.in_features != config.width
+    rows = rows_with(features, text=True, image=True)[:32]
+    _fit(module, rows, AlignmentCollator(features), 3, 16)
+    assert torch.isfinite(module.itm_logits(features.batch(rows[:4]))).all()
