@@ -21,7 +21,7 @@ pytestmark = pytest.mark.benchmark
 
 DIM = 64
 K = 10
-N = 100_000 if QUICK else 1_000_000
+N = 30_000 if QUICK else 1_000_000
 NQ = 1_000
 CLUSTERS = 256
 SIGMA = 0.1  # per-dimension noise around each (unit) centre, before normalising
@@ -33,7 +33,7 @@ EF = [16, 32, 64, 128, 256]
 NPROBE = [1, 2, 4, 8, 16, 32, 64]
 EF_CONSTRUCTION = 64 if QUICK else 128  # the same for the three HNSW implementations
 M = 32
-NLIST = 1024 if QUICK else 4096
+NLIST = 256 if QUICK else 4096  # about sqrt(N) * 4
 K_FACTOR = 16  # RFlat re-ranks K_FACTOR * k candidates with the exact fp32 vectors
 
 
