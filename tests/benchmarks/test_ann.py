@@ -15,6 +15,9 @@ import faiss
 import numpy as np
 import pytest
 
+from index.config import IndexConfig
+from index.faiss_index import configure_faiss
+
 from .conftest import QUICK, RESULTS, write_result
 
 pytestmark = pytest.mark.benchmark
@@ -109,6 +112,9 @@ def _faiss_rows(x: np.ndarray, q: np.ndarray, truth: np.ndarray) -> list[dict[st
         return lambda qq: index.search(qq, K)[1]
 
     flat, b, s = build(lambda: faiss.IndexFlatIP(DIM))
+    # as the service configures it (index.config blas_min_batch): FAISS 1.15 compares queries x dim with the
+    # threshold, so by default a 1,000-query call at dim 64 would take the scalar scan instead of BLAS
+    configure_faiss(1, IndexConfig().blas_min_batch * DIM)
     qps, lab = _timed(run(flat), q)
     rows.append(_row("faiss", "Flat fp32", "-", _recall(lab, truth), qps, b, s))
     # One query per call cannot reuse the vectors it reads across queries: it streams the whole matrix,
