@@ -38,13 +38,13 @@ protos: setup
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s -p no:cacheprovider
+	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s -p no:cacheprovider --timeout=0
 
 # a subset that runs in about 2 minutes: ANN at 30k vectors, gRPC overhead, encoder throughput (tiny)
 bench-quick: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	ONETOWER_BENCH_QUICK=1 $(BIN)/python -m pytest tests/benchmarks/test_ann.py tests/benchmarks/test_service_overhead.py \
-	  tests/benchmarks/test_encoder.py -m benchmark -s -p no:cacheprovider
+	  tests/benchmarks/test_encoder.py -m benchmark -s -p no:cacheprovider --timeout=0
 
 clean:
 	rm -rf $(VENV) onetower-demo .pytest_cache .onetower-cache
