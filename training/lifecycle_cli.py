@@ -16,7 +16,7 @@ from rich.table import Table
 from training.cli import load_train_config, use_tracking
 from training.evaluate import DEFAULT_KS, MODELS, EvalData, run_evaluation
 from training.promote import DEFAULT_METRIC, PromotionError, promote, rollback
-from training.register import DEFAULT_ALIAS, MODEL_NAME, metric_tag
+from training.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, metric_tag
 from training.synthetic import PRESETS, generate
 
 console = Console()
@@ -60,10 +60,11 @@ def evaluate(
     a 2D projection of item embeddings, a neighbour gallery of cold items), and logs them to MLflow.
     stitched_pretrained needs the optional `baselines` extra; without it, it is reported as skipped.
     """
-    use_tracking(tracking_uri, Path.cwd())
+    _, artifact_root = use_tracking(tracking_uri, Path.cwd())
     train_config = load_train_config(config or EVAL_CONFIGS.get(preset or "", "tiny"))
     if max_steps is not None:
         train_config = dataclasses.replace(train_config, max_steps=max_steps)
+    ensure_experiment(train_config.experiment, artifact_root)  # artifacts beside a sqlite store, not in ./mlruns
     if preset is not None:
         if preset not in PRESETS:
             raise typer.BadParameter(f"{preset!r}: choose one of {sorted(PRESETS)}", param_hint="--preset")
