@@ -152,12 +152,7 @@ class UnifiedEncoder(nn.Module):
     def forward(self, batch: EncoderInput) -> torch.Tensor:
         """Unit item vectors (B, embed_dim) from the pooled sequence."""
         states, keep = self.hidden_states(batch)
-        h = self.head(self.pool(states, keep, batch.token_ids.shape[1])).float()
-        if self.training and h.shape[0] == 1:
-            h = F.batch_norm(h, self.out_norm.running_mean, self.out_norm.running_var, training=False)
-        else:
-            h = self.out_norm(h)
-        return F.normalize(h, dim=-1)
+        return unit_output(self.head(self.pool(states, keep, batch.token_ids.shape[1])), self.out_norm, self.training)
 
 
 def _masked_mean(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -184,3 +179,14 @@ def _init_weights(module: nn.Module) -> None:
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
+
+
+def unit_output(h: torch.Tensor, out_norm: nn.BatchNorm1d, training: bool) -> torch.Tensor:
+    """Projected pooled states -> unit vectors: the non-affine BatchNorm (its running statistics alone for a
+    training batch of one, which batch statistics cannot normalise) then L2. Shared by every encoder."""
+    h = h.float()
+    if training and h.shape[0] == 1:
+        h = F.batch_norm(h, out_norm.running_mean, out_norm.running_var, training=False)
+    else:
+        h = out_norm(h)
+    return F.normalize(h, dim=-1)

@@ -15,11 +15,10 @@ import dataclasses
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embed.config import EncoderConfig
-from embed.model import Block, EncoderInput, UnifiedEncoder, _init_weights
+from embed.model import Block, EncoderInput, UnifiedEncoder, _init_weights, _masked_mean, unit_output
 
 
 class _TextTower(nn.Module):
@@ -105,18 +104,12 @@ class StitchedEncoder(nn.Module):
             return states.new_zeros(states.shape[0], self.width)
         if self.config.pool == "cls":
             return states[:, 0] * keep[:, :1]
-        w = keep.unsqueeze(-1).to(states.dtype)
-        return (states * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return _masked_mean(states, keep)
 
     def forward(self, batch: EncoderInput) -> torch.Tensor:
         """Unit item vectors (B, embed_dim): head(concat(pooled text, pooled image))."""
         states, keep = self.hidden_states(batch)
-        h = self.head(self.pool(states, keep, batch.token_ids.shape[1])).float()
-        if self.training and h.shape[0] == 1:
-            h = F.batch_norm(h, self.out_norm.running_mean, self.out_norm.running_var, training=False)
-        else:
-            h = self.out_norm(h)
-        return F.normalize(h, dim=-1)
+        return unit_output(self.head(self.pool(states, keep, batch.token_ids.shape[1])), self.out_norm, self.training)
 
 
 def count_parameters(module: nn.Module) -> int:
