@@ -36,30 +36,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_mlflow_server(root: Path, port: int, log: Path, timeout: float = 180,
+                        new_session: bool = False) -> subprocess.Popen[bytes]:
+    """`mlflow server` on loopback `port` with a sqlite store and artifacts under `root`; returns once
+    /health answers. `new_session`: its own process group, so a test can SIGKILL the CLI and its workers."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=root,
+                            start_new_session=new_session, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` subprocess on a free loopback port with a sqlite backend store."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"]
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    proc = start_mlflow_server(root, port, root / "server.log")
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
     try:
         yield uri
     finally:

@@ -6,10 +6,8 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from service.config import ServiceConfig
 from service.server import start_server
 from training.register import MODEL_NAME, ensure_experiment, register_encoder
 
-from .conftest import free_port
+from .conftest import free_port, start_mlflow_server
 
 POLL_S, TIMEOUT_S = 0.5, 5.0  # a loaded 2-core machine can take seconds to answer
 
@@ -48,24 +46,8 @@ class _Registry:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", (self.root / "artifacts").as_uri(), "--workers", "1"]
-        log = (self.root / f"server-{time.monotonic_ns()}.log").open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"mlflow server did not start (see {log.name})")
-            time.sleep(0.3)
+        self.proc = start_mlflow_server(self.root, self.port, self.root / f"server-{time.monotonic_ns()}.log",
+                                        new_session=True)
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group (the CLI and its uvicorn child)."""
