@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -19,6 +20,12 @@ PQ_BITS = 8  # 256 centroids per sub-quantizer, the layout every FAISS backend s
 MIN_IVFPQ_COUNT = 4 * (1 << PQ_BITS)  # fewer points cannot train the PQ codebooks
 TRAIN_POINTS_PER_LIST = 256  # FAISS's own k-means cap; more training points only cost time
 
+# OpenMP keeps the thread count per thread: omp_set_num_threads in one thread leaves every other thread
+# (gRPC handlers, a thread pool) on the default, all cores. configure_faiss records the count and
+# search_index applies it once in each thread that searches.
+_search_threads = 0
+_applied = threading.local()
+
 
 def import_faiss() -> ModuleType:
     """Import faiss, or fail with the command that installs it."""
@@ -32,18 +39,22 @@ def configure_faiss(threads: int, blas_threshold: int | None = None) -> None:
     """Set process-wide FAISS knobs for serving.
 
     Args:
-        threads: OpenMP threads per search (>0 sets them, 0 leaves FAISS's default).
-            Servers that run many searches concurrently want 1.
+        threads: OpenMP threads per search (>0 sets them, 0 leaves FAISS's default), in this thread
+            now and in any other thread at its first search. Servers that run many searches
+            concurrently want 1.
         blas_threshold: `faiss.cvar.distance_compute_blas_threshold`. FAISS 1.15 compares it with
             queries x dim of a call (BLAS at or above it), so `blas_min_batch * dim` uses BLAS
             from `blas_min_batch` queries on; its default (128000) keeps small batches on a scan
             that is 4-13x slower (docs/PERFORMANCE.md). Searches with an ID selector always scan.
     """
+    global _search_threads
     faiss = import_faiss()
     if threads < 0:
         raise ValueError(f"threads={threads} must be >= 0")
     if threads > 0:
         faiss.omp_set_num_threads(threads)
+        _applied.threads = threads
+    _search_threads = threads
     if blas_threshold is not None:
         if blas_threshold < 1:
             raise ValueError(f"blas_threshold={blas_threshold} must be >= 1")
@@ -197,6 +208,9 @@ def search_index(
         (scores float32 [n, k], labels int64 [n, k]); missing hits have label -1.
     """
     q = as_matrix(queries, "queries", index.d)
+    if _search_threads and getattr(_applied, "threads", 0) != _search_threads:
+        import_faiss().omp_set_num_threads(_search_threads)
+        _applied.threads = _search_threads
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
     kind = index_kind(index)

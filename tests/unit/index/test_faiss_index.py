@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from index.faiss_index import (
     as_matrix,
     build_index,
     choose_nlist,
+    configure_faiss,
     index_kind,
     rerank,
     resolve_kind,
@@ -239,3 +242,28 @@ def test_as_matrix_accepts_castable_finite_matrices() -> None:
 def test_as_matrix_rejects(bad: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message), np.errstate(over="ignore"):
         as_matrix(bad, "vectors", 2)
+
+
+def test_configured_threads_apply_in_every_searching_thread(built: dict[str, Any],
+                                                            data: tuple[np.ndarray, np.ndarray]) -> None:
+    """OpenMP keeps the thread count per thread; a gRPC handler thread must search with the configured one."""
+    seen: dict[str, int] = {}
+
+    def search_then_read() -> None:
+        search_index(built["hnsw"], data[1][:1], K, None, None, HNSW)
+        seen["searching"] = faiss.omp_get_max_threads()
+
+    def read_only() -> None:
+        seen["idle"] = faiss.omp_get_max_threads()
+
+    configure_faiss(1)
+    try:
+        for target in (search_then_read, read_only):
+            t = threading.Thread(target=target)
+            t.start()
+            t.join()
+    finally:
+        configure_faiss(0)
+    assert seen["searching"] == 1
+    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:  # the default a thread starts with: why the fix is needed
+        assert seen["idle"] > 1
