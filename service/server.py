@@ -47,6 +47,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self._in_flight = 0
         self._shed_since_log = 0
         self._last_log = 0.0
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -54,14 +55,18 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or method.startswith(OPEN_METHODS):
             return handler
-        rpc = method.rsplit("/", 1)[-1]
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:12])
+        wrapped = self._wrapped.get(method)
+        if wrapped is None or wrapped[0] is not handler.unary_unary:  # built once per method, not per call
+            wrapped = (handler.unary_unary, self._wrap(method.rsplit("/", 1)[-1], handler))
+            self._wrapped[method] = wrapped
+        return wrapped[1]
+
+    def _wrap(self, rpc: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
 
         def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
             if not self._enter():
-                self._refuse(rpc, request_id, context)
+                self._refuse(rpc, _request_id(context), context)
             started = time.perf_counter()
             try:
                 return inner(request, context)
@@ -71,7 +76,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
                     snap = self.holder.current
                     logger.debug("%s %s", rpc, code.name, extra={
-                        "request_id": request_id, "rpc": rpc, "code": code.name,
+                        "request_id": _request_id(context), "rpc": rpc, "code": code.name,
                         "ms": round((time.perf_counter() - started) * 1000, 3),
                         "model_version": snap.model_version if snap else None})
 
@@ -105,6 +110,14 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
                            extra={"request_id": request_id, "rpc": rpc, "code": "RESOURCE_EXHAUSTED", "shed": shed})
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"overloaded: {self.limit} calls already in flight, the server's limit; retry with backoff")
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    """The caller's `x-request-id` metadata, or a new id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return uuid.uuid4().hex[:12]
 
 
 @dataclass
