@@ -26,7 +26,16 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "faiss": faiss.__version__, "command": " ".join(sys.argv)}
+            "faiss": faiss.__version__, "command": command()}
+
+
+def command() -> str:
+    """The command that ran this process, as typed (`python -m pytest ...`, not pytest's __main__.py path)."""
+    argv0 = Path(sys.argv[0]).name
+    prefix = "python -m pytest" if argv0 in ("__main__.py", "pytest", "py.test") else sys.argv[0]
+    extra = " ".join(sys.argv[1:])
+    quick = "ONETOWER_BENCH_QUICK=1 " if QUICK else ""
+    return f"{quick}{prefix} {extra}".strip()
 
 
 def write_result(name: str, rows: list[dict[str, Any]], notes: str = "") -> Path:
