@@ -13,6 +13,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
+from index.errors import IndexVerificationError
+from index.publish import read_current, read_manifest
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,6 +73,29 @@ def _rest_version(registry: str, name: str, alias: str, version: str, timeout_s:
         raise MlflowException(f"registry {registry} answered {response.status_code} to {endpoint} {params}: "
                               f"{response.text[:300]}")
     return str(response.json()["model_version"]["version"])
+
+
+def cached_model(uri: str, index_root: Path, cache_dir: Path) -> ModelRef | None:
+    """The registry model the `CURRENT` index under `index_root` was built with, if `uri` names that
+    registered model and its files are complete in `cache_dir`; else None. Asks no registry."""
+    if not uri.startswith("models:/"):
+        return None
+    body = uri.removeprefix("models:/")
+    name, alias = body.split("@", 1) if "@" in body else (body.partition("/")[0], "")
+    pinned = "" if alias else body.partition("/")[2]
+    current = read_current(index_root)
+    if current is None:
+        return None
+    try:
+        manifest = read_manifest(index_root, current)
+    except IndexVerificationError:
+        return None
+    version = manifest.model_version
+    if manifest.model_name != name or (pinned and pinned != version):
+        return None
+    if not (cache_dir / name / version / ".complete").is_file():
+        return None
+    return ModelRef(name=name, version=version, alias=alias, source=f"models:/{name}/{version}")
 
 
 def download_model(ref: ModelRef, cache_dir: Path, tracking_uri: str | None = None) -> Path:

@@ -23,7 +23,7 @@ from index.live import LiveIndex
 from index.log import LogRecord, WriteLog
 from index.publish import find_version_for_model, load_version
 from service.config import ServiceConfig
-from service.registry import ModelRef, download_model, lookup_model
+from service.registry import ModelRef, cached_model, download_model, lookup_model
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SnapshotHolder:
             MlflowException: the registry could not be reached or refused.
         """
         with self._swap_lock:
-            ref = lookup_model(self.config.model_uri, self.config.tracking_uri, registry_timeout_s)
+            ref = self._lookup(registry_timeout_s)
             root = self.config.index_root
             version = find_version_for_model(root, ref.version)
             if version is None:
@@ -103,6 +103,26 @@ class SnapshotHolder:
                         extra={"model_name": ref.name, "model_version": ref.version,
                                "index_version": index.index_version, "items": len(index)})
             return True
+
+    def _lookup(self, registry_timeout_s: float | None) -> ModelRef:
+        """The model the reference names now. At startup with the registry unreachable, the model the
+        `CURRENT` index was built with, when its files are in the cache (a restart during a registry
+        outage comes up on what it served before; the watcher follows the registry once it answers)."""
+        if self._current is not None:
+            return lookup_model(self.config.model_uri, self.config.tracking_uri, registry_timeout_s)
+        try:  # startup: one bounded try first, so an outage is known in seconds, not after MLflow's retries
+            return lookup_model(self.config.model_uri, self.config.tracking_uri,
+                                registry_timeout_s or self.config.registry_timeout_s)
+        except Exception as error:  # noqa: BLE001 - any registry failure: try the cache, else MLflow's retries
+            cached = cached_model(self.config.model_uri, self.config.index_root, self.config.cache_dir)
+            if cached is None:
+                logger.warning("registry lookup failed (%s); retrying with MLflow's backoff",
+                               str(error).splitlines()[0][:300])
+                return lookup_model(self.config.model_uri, self.config.tracking_uri, registry_timeout_s)
+            logger.warning("registry unreachable (%s): starting on the cached %s version %s that the CURRENT "
+                           "index was built with", str(error).splitlines()[0][:300], cached.name, cached.version,
+                           extra={"event": "started_from_cache", "model_version": cached.version})
+            return cached
 
     def close(self) -> None:
         if self._log is not None:

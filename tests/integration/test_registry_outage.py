@@ -178,3 +178,55 @@ def test_registry_killed_while_polling_fails_no_lookup_and_the_watcher_recovers(
     assert not failures, failures[:3]
     assert latencies["down"] and set(health) == {"SERVING"}
     assert records.events.count("outage_started") == 1  # logged once, not once per poll
+
+
+def test_restart_while_the_registry_is_down_starts_from_the_model_cache(registry: _Registry, tmp_path: Path) -> None:
+    """A pod restarted during a registry outage comes up on the model it served before (its cached files
+    and the CURRENT index built with them), then follows the registry again once it answers."""
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(registry.uri)
+        encoder_dir, items = _tiny_model(tmp_path)
+        run = MlflowClient(registry.uri).create_run(ensure_experiment("outage-restart"))
+        version = register_encoder(encoder_dir, run.info.run_id, {"train_loss": 1.0})
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    vectors = load_encoder(encoder_dir).encode(items)
+    ids = IdMap([it.item_id for it in items], [it.content_hash() for it in items], [dict(it.attributes) for it in items])
+    publish_index(tmp_path / "index", vectors, ids, IndexConfig(kind="flat"), MODEL_NAME, version)
+    config = ServiceConfig(model_uri=f"models:/{MODEL_NAME}@champion", index_root=tmp_path / "index",
+                           tracking_uri=registry.uri, port=0, poll_seconds=POLL_S, registry_timeout_s=TIMEOUT_S,
+                           cache_dir=tmp_path / "cache")
+    first = start_server(config)  # downloads the model into the cache
+    first.stop(grace=1)
+
+    registry.kill()
+    records = _Records()
+    watched = logging.getLogger("service.snapshot")
+    level = watched.level
+    watched.setLevel(logging.INFO)
+    watched.addHandler(records)
+    try:
+        started = time.monotonic()
+        running = start_server(config)  # the registry is down for all of this
+        startup_s = time.monotonic() - started
+        try:
+            assert "started_from_cache" in records.events
+            with Client(f"127.0.0.1:{running.port}", timeout=5) as c:
+                assert c.health_status() == "SERVING"
+                assert c.info().model_version == version
+                for it in items:
+                    assert len(c.similar(item_ids=[it.item_id], k=3)[0]) == 3
+                assert c.upsert([pb.Item(item_id="while-down", title="red bag")]).upserted == 1
+                assert "while-down" in c.embeddings(["while-down"])
+            assert _wait(lambda: "outage_started" in records.events, 3 * TIMEOUT_S), records.events
+            registry.start()
+            assert _wait(lambda: "outage_ended" in records.events, 6 * TIMEOUT_S), records.events
+            with Client(f"127.0.0.1:{running.port}") as c:
+                assert c.info().model_version == version
+        finally:
+            running.stop(grace=1)
+    finally:
+        watched.removeHandler(records)
+        watched.setLevel(level)
+    print(f"\nstarted from the cache in {startup_s:.1f}s with the registry down")
