@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from index.log import LOG_FILE
 
 PHASES = ("embed", "build", "write", "current", "truncate")
 SHARD_SIZE = 100  # items per shard in paused runs, so a 400-item catalog makes several shards
@@ -34,12 +37,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 # ---- the processes, from the test's side ---------------------------------------------------------
 def serve_process(index_root: Path, tracking_uri: str, port: int, cache_dir: Path, log: Path,
-                  poll_seconds: float = 0) -> subprocess.Popen[bytes]:
-    """`onetower serve` following the champion alias, on `index_root`."""
-    cmd = [sys.executable, "-m", "onetower.cli", "serve", "--model", "models:/onetower-encoder@champion",
+                  poll_seconds: float = 0, model_uri: str = "models:/onetower-encoder@champion",
+                  extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """`onetower serve` following `model_uri` (the champion alias), on `index_root`; `extra`: more options."""
+    cmd = [sys.executable, "-m", "onetower.cli", "serve", "--model", model_uri,
            "--index-root", str(index_root), "--tracking-uri", tracking_uri, "--port", str(port),
-           "--poll-seconds", str(poll_seconds), "--cache-dir", str(cache_dir), "--workers", "4"]
+           "--poll-seconds", str(poll_seconds), "--cache-dir", str(cache_dir), "--workers", "4", *extra]
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def copy_index_root(source: Path, root: Path) -> Path:
+    """A private copy of an index root: published versions only (no live writes, staging or model cache)."""
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns(LOG_FILE, "*.tmp", ".model-cache"))
+    return root
 
 
 def reindex_process(catalog: Path, index_root: Path, tracking_uri: str, log: Path,

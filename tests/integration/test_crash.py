@@ -30,7 +30,6 @@ from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.faiss_index import import_faiss
 from index.ids import IdMap
-from index.log import LOG_FILE
 from index.publish import (
     IDS_FILE,
     INDEX_FILE,
@@ -49,7 +48,7 @@ from service.server import start_server
 from training.register import MODEL_NAME
 
 from .conftest import Trained, free_port
-from .crash_util import PHASES, reindex_process, serve_process, sigkill, tail, wait_for
+from .crash_util import PHASES, copy_index_root, reindex_process, serve_process, sigkill, tail, wait_for
 
 ROUNDS = 3  # server kills during writes
 WRITERS = 2  # client threads, each writing its own ids, one request at a time
@@ -61,9 +60,7 @@ WORDS = ("Ostrel wool hat", "linen shirt", "oak side table", "copper kettle", "t
 
 def _copy_root(trained: Trained, tmp_path: Path) -> Path:
     """A private copy of the trained index root (published versions only: no live writes of other tests)."""
-    root = tmp_path / "index"
-    shutil.copytree(trained.index_root, root, ignore=shutil.ignore_patterns(LOG_FILE, "*.tmp", ".model-cache"))
-    return root
+    return copy_index_root(trained.index_root, tmp_path / "index")
 
 
 @dataclass
