@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from embed.encoder import ItemEncoder
+from embed.encoder import Features, ItemEncoder
 from embed.errors import InvalidItemError
 from embed.items import Item
 from index.compact import IndexRows, fold_log
@@ -72,18 +73,17 @@ class ReindexResult:
     pruned: tuple[str, ...] = ()  # index versions removed
 
 
-def embed_items(encoder: ItemEncoder, items: Sequence[Item]) -> tuple[np.ndarray, list[str]]:
-    """Embed one batch; items the encoder refuses are logged and left out.
+def featurize_items(encoder: ItemEncoder, items: Sequence[Item]) -> tuple[list[Features], list[str]]:
+    """Decode and tokenise one batch; items the encoder refuses are logged and left out.
 
     Returns:
-        Vectors of the accepted items in order (float32 (accepted, dim)), and per item the
-        reason it was refused ("" when it was embedded).
+        The accepted items' features in order, and per item the reason it was refused ("" when accepted).
     """
     try:
-        features = encoder.featurize(items)
-        errors = [""] * len(items)
+        return encoder.featurize(items), [""] * len(items)
     except InvalidItemError:
-        features, errors = [], []
+        features: list[Features] = []
+        errors: list[str] = []
         for item in items:
             try:
                 features += encoder.featurize([item])
@@ -92,9 +92,47 @@ def embed_items(encoder: ItemEncoder, items: Sequence[Item]) -> tuple[np.ndarray
                 reason = f"{e.reason}: {e.field} {e.detail}"
                 logger.warning("skipping item %s: %s", item.item_id, reason)
                 errors.append(reason)
+        return features, errors
+
+
+def _encode_features(encoder: ItemEncoder, features: Sequence[Features]) -> np.ndarray:
     if not features:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return encoder.encode_features(features)
+
+
+def embed_items(encoder: ItemEncoder, items: Sequence[Item]) -> tuple[np.ndarray, list[str]]:
+    """Embed one batch; items the encoder refuses are logged and left out.
+
+    Returns:
+        Vectors of the accepted items in order (float32 (accepted, dim)), and per item the
+        reason it was refused ("" when it was embedded).
+    """
+    features, errors = featurize_items(encoder, items)
+    return _encode_features(encoder, features), errors
+
+
+def embed_pipelined(encoder: ItemEncoder, batches: Sequence[Sequence[Item]],
+                    done: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
+    """`embed_items` over several batches, decoding and tokenising batch i+1 in a second thread while
+    the model runs batch i (Pillow, the tokenizer and torch release the GIL): the job keeps the model
+    busy instead of waiting for image decoding. `done(n)` after each batch but the last.
+    """
+    vectors: list[np.ndarray] = []
+    errors: list[str] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onetower-featurize") as pool:
+        ahead = pool.submit(featurize_items, encoder, batches[0]) if batches else None
+        for j, batch in enumerate(batches):
+            assert ahead is not None
+            features, batch_errors = ahead.result()
+            ahead = pool.submit(featurize_items, encoder, batches[j + 1]) if j + 1 < len(batches) else None
+            vectors.append(_encode_features(encoder, features))
+            errors += batch_errors
+            if done is not None and j < len(batches) - 1:
+                done(len(batch))
+    if not vectors:
         return np.zeros((0, encoder.dim), dtype=np.float32), errors
-    return encoder.encode_features(features), errors
+    return np.concatenate(vectors), errors
 
 
 class _CatalogPass:
@@ -160,15 +198,11 @@ class _CatalogPass:
             return
         size = self.encoder.batch_size
         batches = [pending[i: i + size] for i in range(0, len(pending), size)]
-        vectors, errors = [], []
-        for j, batch in enumerate(batches):
-            v, e = embed_items(self.encoder, [item for item, _ in batch])
-            vectors.append(v)
-            errors += e
-            if j < len(batches) - 1:  # the last batch is reported once its shard is on disk
-                self._report(len(batch), now=True)
+        # the last batch is reported once its shard is on disk
+        vectors, errors = embed_pipelined(self.encoder, [[item for item, _ in batch] for batch in batches],
+                                          done=lambda n: self._report(n, now=True))
         self._write([(it.item_id, h, it.attributes, e) for (it, h), e in zip(pending, errors, strict=True)],
-                    np.concatenate(vectors))
+                    vectors)
         self._report(len(batches[-1]), now=True)
 
     def _write(self, entries: Sequence[tuple[str, str, Mapping[str, str], str]], vectors: np.ndarray) -> None:
