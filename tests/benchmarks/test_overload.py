@@ -31,13 +31,13 @@ pytestmark = pytest.mark.benchmark
 CALLERS, SECONDS, LIMIT = 16, 3.0 if QUICK else 10.0, 4
 
 CLIENT = textwrap.dedent("""
-    import io, json, sys, threading, time
+    import io, json, random, sys, threading, time
     sys.path.insert(0, sys.argv[1])
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from PIL import Image
     from protos.onetower.v1 import onetower_pb2 as pb, onetower_pb2_grpc as pb_grpc
-    target, callers, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    target, callers, seconds, backoff = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "1"
     def png(i):
         buf = io.BytesIO(); Image.new("RGB", (40, 40), (i % 255, 40, 90)).save(buf, format="PNG"); return buf.getvalue()
     def search(i):
@@ -56,9 +56,12 @@ CLIENT = textwrap.dedent("""
     out, probes, stop = [], [], threading.Event()
     def caller(n):
         with grpc.insecure_channel(target) as c:
-            s = pb_grpc.RecommendationsStub(c); i = 0
+            s = pb_grpc.RecommendationsStub(c); i = 0; wait = 0.0
             while not stop.is_set():
                 out.append(call(s, n * 100000 + i, i % 3 == 2, "load")); i += 1
+                if backoff:  # what the refusal asks for: exponential backoff with full jitter, 10 ms to 320 ms
+                    wait = min(0.32, max(0.01, 2 * wait)) if out[-1][1] == "RESOURCE_EXHAUSTED" else 0.0
+                    time.sleep(random.uniform(0, wait))
     def prober():
         with grpc.insecure_channel(target) as c:
             h = health_pb2_grpc.HealthStub(c)
@@ -99,11 +102,12 @@ def _ms(values: list[float], q: float) -> float:
 def test_overload_shedding(tmp_path: Path) -> None:
     base = _served(tmp_path)
     rows = []
-    for limit in (LIMIT, None):
+    for limit, backoff in ((LIMIT, False), (LIMIT, True), (None, False)):
         running = start_server(ServiceConfig(**{**vars(base), "max_concurrent_rpcs": limit}))
         try:
             proc = subprocess.run([sys.executable, "-c", CLIENT, str(Path.cwd()), f"127.0.0.1:{running.port}",
-                                   str(CALLERS), str(SECONDS)], capture_output=True, text=True, timeout=600)
+                                   str(CALLERS), str(SECONDS), str(int(backoff))], capture_output=True, text=True,
+                                  timeout=600)
         finally:
             running.stop(grace=1)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,7 +116,8 @@ def test_overload_shedding(tmp_path: Path) -> None:
         accepted = [s for kind, code, s in data["load"] if code == "OK" and kind == "search"]
         shed = [s for _, code, s in data["load"] if code == "RESOURCE_EXHAUSTED"]
         codes = sorted({code for _, code, _ in data["load"]})
-        rows.append({"limit": str(limit), "callers": CALLERS, "seconds": SECONDS, "codes": "/".join(codes),
+        rows.append({"limit": str(limit), "callers": CALLERS,
+                     "after_a_refusal": "backoff 10-320 ms, jitter" if backoff else "retry at once", "seconds": SECONDS, "codes": "/".join(codes),
                      "ok": sum(code == "OK" for _, code, _ in data["load"]), "shed": len(shed),
                      "shed_p50_ms": _ms(shed, 50), "shed_p99_ms": _ms(shed, 99),
                      "unloaded_search_p50_ms": _ms(unloaded, 50), "accepted_search_p50_ms": _ms(accepted, 50),
@@ -121,4 +126,5 @@ def test_overload_shedding(tmp_path: Path) -> None:
                      "health_max_ms": max((s for _, s in data["probes"]), default=float("nan")) * 1000,
                      "health": "/".join(sorted({st for st, _ in data["probes"]}))})
     write_result("overload", rows, notes=f"server in the test process ({LIMIT} handler threads), {CALLERS} client "
-                 "threads in another process: 2/3 searches by item content (encoder), 1/3 upserts; health every 50 ms")
+                 "threads in another process: 2/3 searches by item content (encoder), 1/3 upserts; health every 50 ms. "
+                 "after_a_refusal: what a caller does after RESOURCE_EXHAUSTED (the refusal asks for backoff).")
