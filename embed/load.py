@@ -52,9 +52,11 @@ def load_model(directory: Path) -> tuple[Encoder, TextTokenizer]:
     return model, TextTokenizer.load(directory / TOKENIZER_FILE)
 
 
-def load_encoder(directory: Path, device: str | torch.device = "cpu", batch_size: int = 64) -> ItemEncoder:
-    """An `ItemEncoder` ready for inference from a saved encoder directory."""
+def load_encoder(directory: Path, device: str | torch.device = "cpu", batch_size: int = 64,
+                 precision: str = "fp32") -> ItemEncoder:
+    """An `ItemEncoder` ready for inference from a saved encoder directory (`precision`: see `ItemEncoder`)."""
     model, tokenizer = load_model(directory)
-    logger.info("loaded encoder from %s (%d parameters)", directory,
-                sum(p.numel() for p in model.parameters()))
-    return ItemEncoder(model, tokenizer, device=device, batch_size=batch_size)
+    encoder = ItemEncoder(model, tokenizer, device=device, batch_size=batch_size, precision=precision)
+    logger.info("loaded encoder from %s (%d parameters, %s on %s)", directory,
+                sum(p.numel() for p in model.parameters()), encoder.precision, encoder.device)
+    return encoder

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from embed.encoder import Precision
 from service.client import Client, Neighbor
 from service.config import DEFAULT_PORT, ServiceConfig
 from service.logs import FORMATS, set_format
@@ -63,6 +64,10 @@ def serve(
     = None,
     registry_timeout: Annotated[float, typer.Option(
         help="Seconds the watcher waits for the registry per poll (one try; requests never wait).")] = 5.0,
+    precision: Annotated[Precision, typer.Option(
+        envvar="ONETOWER_PRECISION",
+        help="Encoder arithmetic: fp32, bf16 (about 2x faster on CPUs with AVX-512 BF16 or AMX; vectors within "
+             "~1e-3 cosine of fp32), or auto (bf16 only where the hardware has it).")] = Precision.fp32,
     log_format: Annotated[str | None, typer.Option(
         envvar="ONETOWER_LOG_FORMAT", help=f"Log lines on stderr: {' or '.join(FORMATS)}.")] = None,
 ) -> None:
@@ -80,7 +85,8 @@ def serve(
     config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
                            workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
                            cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                           max_concurrent_rpcs=max_concurrent_rpcs, registry_timeout_s=registry_timeout)
+                           max_concurrent_rpcs=max_concurrent_rpcs, registry_timeout_s=registry_timeout,
+                           precision=precision.value)
     running = start_server(config)
     console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
     serve_until_signal(running)

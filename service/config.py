@@ -40,6 +40,7 @@ class ServiceConfig:
     workers: int = 8  # gRPC handler threads
     faiss_threads: int = 1  # one OpenMP thread per search: many searches run at once
     torch_threads: int = 1
+    precision: str = "fp32"  # the encoder's: fp32, bf16 or auto (bf16 where the CPU/GPU has it natively)
     max_batch: int = 64  # items per encoder forward pass, pooled across concurrent requests
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # requests waiting for the encoder before RESOURCE_EXHAUSTED
@@ -64,6 +65,8 @@ class ServiceConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.poll_seconds < 0:
             raise ValueError(f"poll_seconds={self.poll_seconds} must be >= 0")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision={self.precision!r} must be fp32, bf16 or auto")
         if self.registry_timeout_s <= 0:
             raise ValueError(f"registry_timeout_s={self.registry_timeout_s} must be > 0")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:

@@ -89,7 +89,8 @@ class SnapshotHolder:
                     served.index.index_version == version:
                 return False
             published = load_version(root, version)
-            encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri))
+            encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri),
+                                   precision=self.config.precision)
             encoder.max_pixels = self.config.limits.max_image_pixels
             _warm_up(encoder)
             if self._log is None:

@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from embed.encoder import Precision
 from embed.load import load_encoder
 from index.config import IndexConfig
 from index.errors import IndexVerificationError
@@ -320,6 +321,11 @@ def reindex_command(
     = IndexKind.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 64,
     device: Annotated[str, typer.Option(envvar="ONETOWER_DEVICE", help="cpu, cuda, or auto.")] = "auto",
+    precision: Annotated[Precision, typer.Option(
+        envvar="ONETOWER_PRECISION",
+        help="Encoder arithmetic: fp32, bf16 (about 2x faster on CPUs with AVX-512 BF16 or AMX and on recent GPUs; "
+             "vectors within ~1e-3 cosine of fp32), or auto (bf16 only where the hardware has it). Serve with "
+             "the same setting.")] = Precision.fp32,
     incremental: Annotated[bool, typer.Option(
         help="Re-embed only items whose content hash changed since the current index (same model version).")]
     = False,
@@ -356,7 +362,7 @@ def reindex_command(
         ray = RayOptions(address, ray_actors, ray_cpus) if engine is Engine.ray else None
         result = run_reindex(catalog.resolve(), index_root.resolve(), model, IndexConfig(kind=kind.value),
                              batch_size, _device(device), incremental=incremental, fold_log=fold_log,
-                             keep_versions=keep_versions or None, ray=ray)
+                             keep_versions=keep_versions or None, ray=ray, precision=precision.value)
     except MlflowException as e:
         raise typer.BadParameter(f"{e.message} (registry at {uri}: train and register first, or pass "
                                  "--tracking-uri)", param_hint="--model") from e
@@ -388,19 +394,20 @@ class RayOptions:
 
 def run_reindex(catalog: Path, index_root: Path, model_uri: str, index_config: IndexConfig,
                 batch_size: int = 64, device: str = "cpu", out: Console | None = None, *, incremental: bool = False,
-                fold_log: bool = True, keep_versions: int | None = 3, ray: RayOptions | None = None) -> ReindexResult:
+                fold_log: bool = True, keep_versions: int | None = 3, ray: RayOptions | None = None,
+                precision: str = "fp32") -> ReindexResult:
     """Resolve `model_uri` (files cached under `index_root/.model-cache`) and reindex with a progress bar.
 
     With `ray`, the catalog items are embedded by Ray Data actors (`training.reindex_ray`).
     """
     resolved = resolve_model(model_uri, index_root / ".model-cache")
-    encoder = load_encoder(resolved.directory, device=device, batch_size=batch_size)
+    encoder = load_encoder(resolved.directory, device=device, batch_size=batch_size, precision=precision)
     engine = None
     if ray is not None:
         from training.reindex_ray import RayEngine  # Ray is an optional extra
 
         engine = RayEngine(resolved.directory, address=ray.address, num_cpus=ray.num_cpus, actors=ray.actors,
-                           batch_size=batch_size, device=device)
+                           batch_size=batch_size, device=device, precision=precision)
     rows = pl.scan_parquet(catalog).select(pl.len()).collect().item()
     with progress_bar(f"embedding with {resolved.name} v{resolved.version}", rows, out) as advance:
         return reindex(catalog, encoder, resolved.name, resolved.version, index_root, index_config, advance,

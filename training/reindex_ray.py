@@ -70,6 +70,7 @@ class RayEngine:
     batch_size: int = 64  # items per forward pass
     device: str = "cpu"
     torch_threads: int = 1
+    precision: str = "fp32"  # the encoder's arithmetic in each actor (see embed.encoder.ItemEncoder)
     block_rows: int = 1024  # catalog rows per Ray block: the unit of scheduling
 
     def __post_init__(self) -> None:
@@ -93,7 +94,8 @@ class RayEngine:
             blocks = [table.slice(i, self.block_rows) for i in range(0, table.num_rows, self.block_rows)]
             pool = ray.data.ActorPoolStrategy(size=self.actors)
             ds = ray.data.from_arrow(blocks).map_batches(
-                _Embedder, fn_constructor_args=(files, str(base), self.device, self.batch_size, self.torch_threads),
+                _Embedder, fn_constructor_args=(files, str(base), self.device, self.batch_size, self.torch_threads,
+                                                self.precision),
                 batch_size=self.batch_size, batch_format="pyarrow", compute=pool,
                 num_cpus=1 if self.device == "cpu" else 0, num_gpus=0 if self.device == "cpu" else 1)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -117,7 +119,8 @@ def _start(ray: ModuleType, address: str | None, num_cpus: int) -> None:
 class _Embedder:
     """One Ray actor: writes the shipped encoder files to a temporary folder, loads them once, embeds batches."""
 
-    def __init__(self, files: Any, base: str, device: str, batch_size: int, torch_threads: int) -> None:
+    def __init__(self, files: Any, base: str, device: str, batch_size: int, torch_threads: int,
+                 precision: str = "fp32") -> None:
         import ray
         import torch
 
@@ -127,7 +130,8 @@ class _Embedder:
         self._folder = tempfile.TemporaryDirectory(prefix="onetower-encoder-")
         for name, data in files.items():
             (Path(self._folder.name) / name).write_bytes(data)
-        self.encoder = load_encoder(Path(self._folder.name), device=device, batch_size=batch_size)
+        self.encoder = load_encoder(Path(self._folder.name), device=device, batch_size=batch_size,
+                                    precision=precision)
         self.base = Path(base)
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:

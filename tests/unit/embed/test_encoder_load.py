@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from embed.config import EncoderConfig, preset
-from embed.encoder import ItemEncoder
+from embed.encoder import ItemEncoder, native_bf16, resolve_precision
 from embed.errors import InvalidItemError
 from embed.items import Item
 from embed.load import (
@@ -159,3 +159,24 @@ def test_item_text_and_hash(random_png: Callable[[int], bytes]) -> None:
     assert Item("s", title="lone \ud800").content_hash() != Item("s", title="lone ?").content_hash()
     back = Item.from_content("a", item.to_content())
     assert back.content_hash() == item.content_hash()
+
+
+def test_bf16_vectors_stay_close_to_fp32(model: UnifiedEncoder, tokenizer: TextTokenizer, items: list[Item]) -> None:
+    """bf16 autocast (matmuls in bfloat16, norms and the output in float32): same neighbours, unit rows."""
+    fp32 = ItemEncoder(model, tokenizer).encode(items)
+    bf16_encoder = ItemEncoder(model, tokenizer, precision="bf16")
+    assert bf16_encoder.precision == "bf16"
+    bf16 = bf16_encoder.encode(items)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert np.sum(fp32 * bf16, axis=1).min() > 0.99
+    nearest_other = [(v @ v.T).argsort(axis=1)[:, -2] for v in (fp32, bf16)]  # [:, -1] is the item itself
+    assert (nearest_other[0] == nearest_other[1]).mean() >= 0.8
+
+
+def test_precision_choices(model: UnifiedEncoder, tokenizer: TextTokenizer) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    with pytest.raises(ValueError, match="precision 'fp16' must be one of"):
+        ItemEncoder(model, tokenizer, precision="fp16")
