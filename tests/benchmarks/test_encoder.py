@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from embed.build import build_encoder
 from embed.config import EncoderConfig, preset
+from embed.encoder import native_bf16
 from embed.model import EncoderInput
 from embed.stitched import StitchedEncoder, count_parameters
 
@@ -49,9 +50,9 @@ def _flops_per_item(model: nn.Module, batch: EncoderInput) -> float:
     return counter.get_total_flops() / len(batch)
 
 
-def _items_per_s(model: nn.Module, batch: EncoderInput) -> float:
+def _items_per_s(model: nn.Module, batch: EncoderInput, bf16: bool = False) -> float:
     rounds = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for _ in range(2):
             model(batch)  # warm up
         for _ in range(3):
@@ -70,15 +71,19 @@ def _equal_flops_width(config: EncoderConfig, batch: EncoderInput, target: float
     return min(widths, key=lambda w: abs(_flops_per_item(StitchedEncoder(config, width=w).eval(), few) - target))
 
 
-def _variants(name: str, batch: EncoderInput) -> list[tuple[str, nn.Module]]:
+def _variants(name: str, batch: EncoderInput) -> list[tuple[str, nn.Module, bool]]:
+    """(label, model, bf16 autocast) per row; the first row is the unified fp32 baseline."""
     config = preset(name)
     unified = build_encoder(config).eval()
+    stitched = build_encoder(dataclasses.replace(config, architecture="stitched")).eval()
     wide = _equal_flops_width(config, batch, _flops_per_item(unified, batch))
     return [
-        ("unified", unified),
-        ("unified+moe(4 experts, top-1)", build_encoder(dataclasses.replace(config, moe_experts=4)).eval()),
-        ("stitched, equal params", build_encoder(dataclasses.replace(config, architecture="stitched")).eval()),
-        (f"stitched, equal FLOPs (towers {wide} wide)", StitchedEncoder(config, width=wide).eval()),
+        ("unified", unified, False),
+        ("unified+moe(4 experts, top-1)", build_encoder(dataclasses.replace(config, moe_experts=4)).eval(), False),
+        ("stitched, equal params", stitched, False),
+        (f"stitched, equal FLOPs (towers {wide} wide)", StitchedEncoder(config, width=wide).eval(), False),
+        ("unified, bf16 autocast", unified, True),
+        ("stitched, equal params, bf16 autocast", stitched, True),
     ]
 
 
@@ -89,8 +94,8 @@ def test_encoder_throughput() -> None:
     for name in SIZES:
         batch = _batch(preset(name), torch.Generator().manual_seed(0))
         base: float | None = None
-        for label, model in _variants(name, batch):
-            rate = _items_per_s(model, batch)
+        for label, model, bf16 in _variants(name, batch):
+            rate = _items_per_s(model, batch, bf16)
             base = base or rate
             rows.append({"size": name, "encoder": label, "params_M": count_parameters(model) / 1e6,
                          "GFLOPs/item": _flops_per_item(model, batch) / 1e9, "items/s": rate,
@@ -99,6 +104,7 @@ def test_encoder_throughput() -> None:
                              for e in ("unified", "stitched, equal params"))
         assert abs(stitched["params_M"] / unified["params_M"] - 1) < 0.05, "the equal-parameter pair drifted apart"
     write_result("encoder", rows, notes=(
-        f"Forward only, batch {BATCH} items (text of {TEXT_TOKENS} tokens + one image), fp32, "
+        f"Forward only, batch {BATCH} items (text of {TEXT_TOKENS} tokens + one image), fp32 unless the row says "
+        f"bf16 (torch.autocast, what `--precision bf16` runs; CPU bf16 native: {native_bf16(torch.device('cpu'))}), "
         f"{threads} torch threads, best of 3 rounds of {SECONDS / 3:.1f} s. Target: unified >= 0.9x the "
         "stitched encoder's items/s at equal parameters, i.e. `unified / this` >= 0.9 on that row."))
