@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -82,6 +83,7 @@ def serve(
     so `grpcurl -plaintext localhost:50051 list` shows the API. SIGTERM or Ctrl-C stops gracefully.
     """
     set_format(log_format)
+    bound_registry_downloads()
     config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
                            workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
                            cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
@@ -90,6 +92,18 @@ def serve(
     running = start_server(config)
     console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
     serve_until_signal(running)
+
+
+# A registry that accepts connections and then hangs mid-download would hold the watcher for MLflow's
+# default 120 s per read x 7 retries with backoff (~15 min) before it could try again; these bound it
+# to ~2 min. A variable the user set wins.
+REGISTRY_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+
+
+def bound_registry_downloads() -> None:
+    """Set MLflow's HTTP read timeout and retries for this process where the user has not."""
+    for name, value in REGISTRY_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def serve_until_signal(running: RunningServer) -> None:

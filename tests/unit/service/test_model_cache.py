@@ -1,7 +1,8 @@
-"""`cached_model`: which cached registry model a restart may start from while the registry is down."""
+"""What a restart may start from while the registry is down (`cached_model`), and bounded registry downloads."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from index.config import IndexConfig
 from index.ids import IdMap
 from index.publish import publish_index
+from service.cli import REGISTRY_HTTP_DEFAULTS, bound_registry_downloads
 from service.registry import ModelRef, cached_model
 
 
@@ -43,3 +45,11 @@ def test_another_model_or_version_is_not_taken_from_the_cache(root: Path, tmp_pa
 def test_an_incomplete_download_or_no_index_is_not_used(root: Path, tmp_path: Path) -> None:
     assert cached_model("models:/enc@champion", root, _cache(tmp_path, "enc", "3", complete=False)) is None
     assert cached_model("models:/enc@champion", tmp_path / "no-index", tmp_path / "cache") is None
+
+
+def test_serve_bounds_registry_downloads_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
+    bound_registry_downloads()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == REGISTRY_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
