@@ -1,6 +1,7 @@
 """ANN libraries on the same data: single-thread k=10 QPS vs recall@10, build time and index size.
 
-FAISS (flat fp32, flat fp16, HNSW32, IVF-PQ fast-scan + exact refine) against hnswlib and usearch, on
+FAISS (flat fp32, flat fp16, HNSW32 over fp32, fp16 and SQ8 + exact refine vectors, IVF-PQ fast-scan +
+exact refine) against hnswlib and usearch, on
 two generated sets (neither is our encoder's output; embedding 1M items takes ~25 min on 2 cores):
 
 - ``clustered``: 1M x 64 unit vectors around 256 equal gaussian clusters (our embedding dim and norm);
@@ -187,6 +188,26 @@ def _faiss_rows(x: np.ndarray, q: np.ndarray, truth: np.ndarray, nlist: int) -> 
         qps, lab = _timed(run(hnsw), q)
         rows.append(_row("faiss", f"HNSW{M}", f"efSearch={ef}", _recall(lab, truth), qps, b, s))
     del hnsw
+
+    # The same graph over compressed vectors: a graph search is bound by fetching each visited vector,
+    # so fp16 halves and SQ8 quarters those bytes; SQ8's order is then fixed by re-ranking 2k candidates
+    # with the fp32 vectors (RFlat). hnswlib stores fp32 only.
+    for spec, k_factor in ((f"HNSW{M},SQfp16", 0), (f"HNSW{M},SQ8,RFlat", 2)):
+        def make_sq(spec: str = spec, refine: bool = k_factor > 0) -> Any:
+            index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+            faiss.downcast_index(index.base_index if refine else index).hnsw.efConstruction = EF_CONSTRUCTION
+            return index
+
+        index, b, s = build(make_sq, train=True)
+        graph = faiss.downcast_index(index.base_index) if k_factor else index
+        if k_factor:
+            index.k_factor = k_factor
+        name = f"{spec} k_factor={k_factor}" if k_factor else spec
+        for ef in EF:
+            graph.hnsw.efSearch = ef
+            qps, lab = _timed(run(index), q)
+            rows.append(_row("faiss", name, f"efSearch={ef}", _recall(lab, truth), qps, b, s))
+        del index, graph
 
     spec = f"IVF{nlist},PQ{dim // 2}x4fs,RFlat"
     ivf, b, s = build(lambda: faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT), train=True)
