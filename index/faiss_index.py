@@ -121,7 +121,11 @@ def _empty_index(faiss: ModuleType, kind: str, dim: int, count: int, config: Ind
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        if config.hnsw_storage == "flat":
+            index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            qtype = faiss.ScalarQuantizer.QT_fp16 if config.hnsw_storage == "fp16" else faiss.ScalarQuantizer.QT_8bit
+            index = faiss.IndexHNSWSQ(dim, qtype, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.ef_construction
         index.hnsw.efSearch = config.ef_search
         return index
@@ -187,6 +191,16 @@ def index_kind(index: Any) -> str:
     raise ValueError(f"index of type {type(inner).__name__} is not one build_index makes")
 
 
+def _sq8_graph(index: Any) -> bool:
+    """An HNSW graph over 8-bit scalar-quantized vectors (its order needs exact re-ranking)."""
+    faiss = import_faiss()
+    inner = faiss.downcast_index(index)
+    if not isinstance(inner, faiss.IndexHNSW):
+        return False
+    storage = faiss.downcast_index(inner.storage)
+    return isinstance(storage, faiss.IndexScalarQuantizer) and storage.sq.qtype == faiss.ScalarQuantizer.QT_8bit
+
+
 def search_index(
     index: Any,
     queries: np.ndarray,
@@ -201,8 +215,8 @@ def search_index(
     Args:
         selector: a faiss.IDSelector restricting the labels searched, or None.
         params: per-call effort overrides (never written to the shared index).
-        vectors: the stored rows; for ivfpq, k*refine_factor hits are re-ranked exactly
-            against them, so scores are true inner products.
+        vectors: the stored rows; for ivfpq and an sq8 HNSW graph, k*refine_factor hits are
+            re-ranked exactly against them, so scores are true inner products.
 
     Returns:
         (scores float32 [n, k], labels int64 [n, k]); missing hits have label -1.
@@ -214,7 +228,7 @@ def search_index(
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
     kind = index_kind(index)
-    exact = vectors if kind == "ivfpq" and config.refine_factor > 1 else None
+    exact = vectors if config.refine_factor > 1 and (kind == "ivfpq" or _sq8_graph(index)) else None
     fetch = k * config.refine_factor if exact is not None else k
     search_params = _search_parameters(kind, selector, params or SearchParams(), config)
     scores, labels = index.search(q, fetch, params=search_params)

@@ -267,3 +267,20 @@ def test_configured_threads_apply_in_every_searching_thread(built: dict[str, Any
     assert seen["searching"] == 1
     if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:  # the default a thread starts with: why the fix is needed
         assert seen["idle"] > 1
+
+
+@pytest.mark.parametrize("storage", ["fp16", "sq8"])
+def test_hnsw_over_compressed_vectors_reaches_recall(data: tuple[np.ndarray, np.ndarray], exact_top: Exact,
+                                                     storage: str) -> None:
+    x, q = data
+    _, truth = exact_top(x, q, K)
+    config = IndexConfig(kind="hnsw", hnsw_storage=storage)
+    index = faiss.deserialize_index(faiss.serialize_index(build_index(x, config)))  # as published and read back
+    assert index_kind(index) == "hnsw"
+    scores, labels = search_index(index, q, K, None, None, config, x)
+    assert _recall(labels, truth) >= 0.95
+    exact = np.einsum("qkd,qd->qk", x[labels], q)
+    # sq8 re-ranks its candidates against the fp32 rows: true inner products; fp16 codes are within ~1e-3
+    np.testing.assert_allclose(scores, exact, atol=1e-5 if storage == "sq8" else 5e-3)
+    with pytest.raises(ValueError, match="hnsw_storage='pq' must be one of"):
+        IndexConfig(kind="hnsw", hnsw_storage="pq")

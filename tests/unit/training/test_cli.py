@@ -8,13 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import polars as pl
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from embed.load import load_encoder
 from index.publish import load_version
 from training.cli import app, prepare_demo
+from training.data import iter_items, read_catalog
 from training.register import MODEL_NAME
 from training.synthetic import SynthDataset
 
@@ -102,10 +105,18 @@ def test_reindex_publishes_every_item_of_the_catalog(trained: tuple[SynthDataset
 def test_reindex_accepts_a_local_encoder_directory(trained: tuple[SynthDataset, str], tmp_path: Path) -> None:
     dataset, _ = trained
     encoder_dir = dataset.root.parent / "runs" / "encoder"
-    invoke("reindex", "--catalog", dataset.catalog, "--index-root", tmp_path, "--model", encoder_dir, "--device", "cpu")
-    manifest = load_version(tmp_path).manifest
+    invoke("reindex", "--catalog", dataset.catalog, "--index-root", tmp_path, "--model", encoder_dir, "--device", "cpu",
+           "--kind", "hnsw", "--hnsw-storage", "sq8", "--precision", "bf16")
+    published = load_version(tmp_path)
+    manifest = published.manifest
     # the name and version `onetower serve --model DIR` looks for, so the pair matches
     assert (manifest.model_name, manifest.model_version) == ("encoder", f"local:{encoder_dir.resolve()}")
+    assert (manifest.kind, manifest.params["hnsw_storage"]) == ("hnsw", "sq8")
+    # bf16 vectors stay within ~1e-3 cosine of an fp32 embedding of the same items
+    items = list(iter_items(read_catalog(dataset.catalog), dataset.catalog.parent))[:16]
+    fp32 = load_encoder(encoder_dir).encode(items)
+    stored = np.asarray(published.vectors[[published.ids.label(it.item_id) for it in items]])
+    assert np.sum(fp32 * stored, axis=1).min() > 0.99
 
 
 def test_train_refuses_an_unknown_config_by_name(tmp_path: Path) -> None:
