@@ -70,6 +70,7 @@ def test_faiss_threads_and_blas_threshold() -> None:
     found: dict[tuple[str, str, int], list[float]] = {}
     try:
         for _ in range(ROUNDS):
+            faiss.cvar.distance_compute_blas_threshold = default_threshold  # the batch rows below change it
             for threads in (1, 2):
                 faiss.omp_set_num_threads(threads)
                 for name, index, calls in ((f"flat {N:,}", flat, 20), (f"hnsw {HNSW_N:,} ef 128", hnsw, 200)):
