@@ -327,8 +327,9 @@ def reindex_command(
     = IndexKind.auto,
     hnsw_storage: Annotated[HnswStorage, typer.Option(
         envvar="ONETOWER_HNSW_STORAGE",
-        help="hnsw: the vectors the graph walks over. fp16 and sq8 (re-ranked against the fp32 vectors) "
-             "searched 1.25x and 1.37x faster at the same recall in docs/PERFORMANCE.md.")] = HnswStorage.flat,
+        help="hnsw: the vectors the graph walks over. sq8 (8-bit codes, re-ranked against the fp32 vectors) "
+             "searched 1.15-1.5x faster than flat at recall 0.95, fp16 0.93-1.33x (docs/PERFORMANCE.md).")]
+    = HnswStorage.flat,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 64,
     device: Annotated[str, typer.Option(envvar="ONETOWER_DEVICE", help="cpu, cuda, or auto.")] = "auto",
     precision: Annotated[Precision, typer.Option(
