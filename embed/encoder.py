@@ -21,6 +21,7 @@ from embed.tokens import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
+
 class Precision(StrEnum):
     """The encoder's arithmetic (a command-line choice)."""
 
