@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from embed.encoder import PRECISIONS
+
 DEFAULT_PORT = 50051
 
 
@@ -65,8 +67,8 @@ class ServiceConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.poll_seconds < 0:
             raise ValueError(f"poll_seconds={self.poll_seconds} must be >= 0")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f"precision={self.precision!r} must be fp32, bf16 or auto")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.registry_timeout_s <= 0:
             raise ValueError(f"registry_timeout_s={self.registry_timeout_s} must be > 0")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:

@@ -46,13 +46,7 @@ def lookup_model(uri: str, tracking_uri: str | None = None, timeout_s: float | N
         if not path.is_dir():
             raise FileNotFoundError(f"model {uri!r} is neither models:/NAME@ALIAS nor an encoder directory")
         return ModelRef(name=path.name, version=f"local:{path.resolve()}", alias="", source=str(path))
-    body = uri.removeprefix("models:/")
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        version = ""
-    else:
-        name, _, version = body.partition("/")
-        alias = ""
+    name, alias, version = _parse_registry_uri(uri)
     registry = tracking_uri or mlflow.get_tracking_uri()
     if timeout_s is not None and registry.startswith(("http://", "https://")):
         version = _rest_version(registry, name, alias, version, timeout_s)
@@ -61,6 +55,16 @@ def lookup_model(uri: str, tracking_uri: str | None = None, timeout_s: float | N
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         version = str(mv.version)
     return ModelRef(name=name, version=version, alias=alias, source=f"models:/{name}/{version}")
+
+
+def _parse_registry_uri(uri: str) -> tuple[str, str, str]:
+    """(name, alias, version) of `models:/NAME@ALIAS` (version "") or `models:/NAME/VERSION` (alias "")."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, alias, ""
+    name, _, version = body.partition("/")
+    return name, "", version
 
 
 def _rest_version(registry: str, name: str, alias: str, version: str, timeout_s: float) -> str:
@@ -80,9 +84,7 @@ def cached_model(uri: str, index_root: Path, cache_dir: Path) -> ModelRef | None
     registered model and its files are complete in `cache_dir`; else None. Asks no registry."""
     if not uri.startswith("models:/"):
         return None
-    body = uri.removeprefix("models:/")
-    name, alias = body.split("@", 1) if "@" in body else (body.partition("/")[0], "")
-    pinned = "" if alias else body.partition("/")[2]
+    name, alias, pinned = _parse_registry_uri(uri)
     current = read_current(index_root)
     if current is None:
         return None

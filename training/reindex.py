@@ -118,20 +118,20 @@ def embed_pipelined(encoder: ItemEncoder, batches: Sequence[Sequence[Item]],
     the model runs batch i (Pillow, the tokenizer and torch release the GIL): the job keeps the model
     busy instead of waiting for image decoding. `done(n)` after each batch but the last.
     """
+    if not batches:
+        return np.zeros((0, encoder.dim), dtype=np.float32), []
     vectors: list[np.ndarray] = []
     errors: list[str] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onetower-featurize") as pool:
-        ahead = pool.submit(featurize_items, encoder, batches[0]) if batches else None
+        ahead = pool.submit(featurize_items, encoder, batches[0])
         for j, batch in enumerate(batches):
-            assert ahead is not None
             features, batch_errors = ahead.result()
-            ahead = pool.submit(featurize_items, encoder, batches[j + 1]) if j + 1 < len(batches) else None
+            if j + 1 < len(batches):
+                ahead = pool.submit(featurize_items, encoder, batches[j + 1])
             vectors.append(_encode_features(encoder, features))
             errors += batch_errors
-            if done is not None and j < len(batches) - 1:
+            if done is not None and j + 1 < len(batches):
                 done(len(batch))
-    if not vectors:
-        return np.zeros((0, encoder.dim), dtype=np.float32), errors
     return np.concatenate(vectors), errors
 
 
