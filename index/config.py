@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-KINDS = ("flat", "hnsw", "ivfpq", "auto")
+
+class IndexKind(StrEnum):
+    """The FAISS index kinds (a command-line choice)."""
+
+    flat = "flat"
+    hnsw = "hnsw"
+    ivfpq = "ivfpq"
+    auto = "auto"
+
+
+class HnswStorage(StrEnum):
+    """What an HNSW graph walks over: fp32 vectors, fp16 codes, or 8-bit codes re-ranked exactly."""
+
+    flat = "flat"
+    fp16 = "fp16"
+    sq8 = "sq8"
+
+
+KINDS = tuple(k.value for k in IndexKind)
 # What an HNSW graph keeps per item to compute distances with: a graph walk is bound by fetching the
 # vectors it visits, so smaller codes search faster (docs/PERFORMANCE.md, QPS at recall 0.95 vs flat: sq8
 # +52% on 200k x 128 and +15% on 1M x 64, fp16 +33% and -7%); sq8's order is fixed by re-ranking against
 # the stored fp32 vectors.
-HNSW_STORAGES = ("flat", "fp16", "sq8")
+HNSW_STORAGES = tuple(s.value for s in HnswStorage)
 # `auto` picks exact search while it is cheap, HNSW while it fits in memory, then IVF-PQ.
 AUTO_FLAT_BELOW = 100_000
 AUTO_HNSW_BELOW = 2_000_000

@@ -19,8 +19,11 @@ from service.logs import FORMATS, configure_logging, set_format
 from service.server import start_server
 from training import cli as training_cli
 from training import lifecycle_cli
-from training.promote import DEFAULT_METRIC, REPORTED
-from training.register import DEFAULT_ALIAS, MODEL_NAME
+from training.demo import prepare_demo
+from training.fitting.config import load_train_config
+from training.lifecycle.promote import DEFAULT_METRIC, REPORTED
+from training.lifecycle.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment
+from training.lifecycle.tracking import use_tracking
 
 console = Console()
 
@@ -71,7 +74,7 @@ def demo(
     """
     set_format(log_format)
     started = time.perf_counter()
-    art = training_cli.prepare_demo(workdir, n_items=items, n_users=users, max_steps=max_steps, console=console)
+    art = prepare_demo(workdir, n_items=items, n_users=users, max_steps=max_steps, out=console)
     config = ServiceConfig(model_uri=art.model_uri, index_root=art.index_root, tracking_uri=art.tracking_uri,
                            port=port, metrics_port=metrics_port, cache_dir=workdir / "model-cache")
     running = start_server(config)
@@ -96,10 +99,8 @@ def demo(
 
 @app.command("refresh")
 def refresh_command(
-    catalog: Annotated[Path, typer.Option(envvar="ONETOWER_CATALOG", exists=True, dir_okay=False,
-                                          help="Catalog parquet (the items to reindex).")],
-    interactions: Annotated[Path, typer.Option(envvar="ONETOWER_INTERACTIONS", exists=True, dir_okay=False,
-                                               help="The latest interactions parquet to fine-tune on.")],
+    catalog: training_cli.CatalogOpt,
+    interactions: training_cli.InteractionsOpt,
     index_root: Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT", help="Published index folder.")]
     = Path("index"),
     workdir: Annotated[Path, typer.Option(help="State file, split, checkpoints, candidate; rerun to resume.")]
@@ -133,11 +134,11 @@ def refresh_command(
     rerun a finished refresh and it only prints the summary. Exit code 0 whether or not it promoted.
     """
     set_format(log_format)
-    _, artifact_root = training_cli.use_tracking(tracking_uri, Path.cwd())
+    _, artifact_root = use_tracking(tracking_uri, Path.cwd())
     try:
-        train_config = training_cli.load_train_config(config).replace(max_steps=max_steps)
+        train_config = load_train_config(config).replace(max_steps=max_steps)
         # Lightning loads here, not for serve
-        from training.refresh import RefreshConfig, refresh, summary_table
+        from training.lifecycle.refresh import RefreshConfig, refresh, summary_table
 
         settings = RefreshConfig(catalog=catalog.resolve(), interactions=interactions.resolve(),
                                  workdir=workdir.resolve(), index_root=index_root.resolve(), train=train_config,
@@ -146,7 +147,7 @@ def refresh_command(
                                  index_config=IndexConfig())
     except (OSError, ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
-    training_cli.ensure_experiment(train_config.experiment, artifact_root)
+    ensure_experiment(train_config.experiment, artifact_root)
 
     def show(step: str, done: bool) -> None:
         console.print(f"[dim]{step}: done before, skipped[/]" if done else f"[bold]{step}[/] ...")

@@ -20,14 +20,13 @@ from embed.items import Item
 from embed.load import load_encoder
 from index.config import IndexConfig
 from index.live import LiveIndex
-from index.log import LogRecord, WriteLog
+from index.log import LOG_FILE, LogRecord, WriteLog
 from index.publish import find_version_for_model, load_version
 from service.config import ServiceConfig
 from service.registry import ModelRef, cached_model, download_model, lookup_model
 
 logger = logging.getLogger(__name__)
 
-LOG_FILE = "live.log"
 
 
 class PairMismatchError(RuntimeError):

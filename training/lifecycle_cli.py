@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +12,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from training.cli import load_train_config, use_tracking
-from training.evaluate import DEFAULT_KS, MODELS, EvalData, run_evaluation
-from training.promote import DEFAULT_METRIC, PromotionError, promote, rollback
-from training.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, metric_tag
-from training.synthetic import PRESETS, generate
+from training.data.synthetic import PRESETS, generate
+from training.evaluation.metrics import DEFAULT_KS
+from training.evaluation.run import MODELS, EvalData, run_evaluation
+from training.fitting.config import load_train_config
+from training.lifecycle.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote, rollback
+from training.lifecycle.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, tag_evaluation
+from training.lifecycle.tracking import log_evaluation, use_tracking
 
 console = Console()
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -28,6 +29,7 @@ TrackingOpt = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI",
 IndexRootOpt = Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT", help="Published index folder.")]
 
 
+# long: typer declares each option in the signature; the body is parse -> call -> print
 @app.command()
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, report.md and the plots.")] = Path("eval"),
@@ -82,7 +84,8 @@ def evaluate(
         raise typer.BadParameter("give --preset, --data, or --catalog with --interactions")
     result = run_evaluation(source, out, train_config, models=[m for m in models.split(",") if m],
                             seeds=[int(s) for s in seeds.split(",")], ks=DEFAULT_KS, holdout_items=holdout_items,
-                            preset=preset, progress_bar=True, log_to_mlflow=True)
+                            preset=preset, progress_bar=True)
+    log_evaluation(result, out, train_config.experiment)
     table = Table(title=f"cold-start evaluation ({result.get('n_users', '?')} users)")
     for col in ("model", "recall@20", "95% CI", "ndcg@20"):
         table.add_column(col)
@@ -95,13 +98,8 @@ def evaluate(
     console.print(table)
     console.print(f"report: {out / 'report.md'}")
     if register_version is not None and "native" in result["models"]:
-        client = MlflowClient()
-        for key in ("recall@20", "ndcg@20", "recall@50"):
-            if key in result["models"]["native"]:
-                client.set_model_version_tag(MODEL_NAME, register_version, metric_tag(key),
-                                             f"{result['models']['native'][key]:.6g}")
-        client.set_model_version_tag(MODEL_NAME, register_version, "onetower.evaluation",
-                                     json.dumps({"out": str(out.resolve()), "preset": preset}))
+        tag_evaluation(MlflowClient(), MODEL_NAME, register_version, result["models"]["native"], REPORTED,
+                       {"out": str(out.resolve()), "preset": preset})
         console.print(f"tagged {MODEL_NAME} version {register_version} with its metrics")
 
 

@@ -24,10 +24,10 @@ from embed.load import load_encoder, save_encoder
 from embed.model import UnifiedEncoder
 from embed.tokens import TextTokenizer
 from index.config import IndexConfig
-from training.data import iter_items, read_catalog
-from training.reindex import reindex
-from training.reindex_ray import RayEngine
-from training.synthetic import SynthConfig, generate
+from training.data.catalog import iter_items, read_catalog
+from training.data.synthetic import SynthConfig, generate
+from training.reindex.job import reindex
+from training.reindex.ray_engine import RayEngine
 
 from .conftest import QUICK, write_result
 

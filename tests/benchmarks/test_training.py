@@ -18,9 +18,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from training.config import TrainConfig
-from training.curriculum import run_stages
-from training.synthetic import SynthConfig, SynthDataset, generate
+from training.data.synthetic import SynthConfig, SynthDataset, generate
+from training.fitting.config import TrainConfig
+from training.fitting.curriculum import run_stages
 
 from .conftest import QUICK, write_result
 

@@ -20,11 +20,11 @@ from index.config import IndexConfig
 from service.client import Client
 from service.config import ServiceConfig
 from service.server import RunningServer, start_server
-from training.config import TrainConfig
-from training.register import MODEL_NAME, ensure_experiment, register_encoder
-from training.reindex import reindex
-from training.synthetic import SynthConfig, SynthDataset, generate
-from training.train import train
+from training.data.synthetic import SynthConfig, SynthDataset, generate
+from training.fitting.config import TrainConfig
+from training.fitting.train import train
+from training.lifecycle.register import MODEL_NAME, ensure_experiment, register_encoder
+from training.reindex.job import reindex
 
 # Enough data and steps that neighbours carry the generator's traits, small enough for 2 CPU cores.
 N_ITEMS, N_USERS, STEPS = 400, 300, 150

@@ -119,11 +119,11 @@ def install_pause(phase: str, marker: Path) -> None:
     import index.log
     import index.publish
     import index.shards
-    import training.cli
-    import training.reindex
+    import training.reindex.driver
+    import training.reindex.job
 
     # every paused run writes small shards, so a kill while embedding leaves some behind to resume from
-    training.cli.reindex = functools.partial(training.reindex.reindex, shard_size=SHARD_SIZE)  # type: ignore
+    training.reindex.driver.reindex = functools.partial(training.reindex.job.reindex, shard_size=SHARD_SIZE)  # type: ignore
     if phase == "embed":
         write_shard = index.shards.ShardStore.write
 

@@ -45,7 +45,7 @@ from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
 from service.config import ServiceConfig
 from service.server import start_server
-from training.register import MODEL_NAME
+from training.lifecycle.register import MODEL_NAME
 
 from .conftest import Trained, free_port
 from .crash_util import PHASES, copy_index_root, reindex_process, serve_process, sigkill, tail, wait_for

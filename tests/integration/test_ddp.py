@@ -13,9 +13,9 @@ import pytest
 from mlflow import MlflowClient
 
 from embed.load import load_encoder
-from training.data import iter_items, read_catalog
-from training.register import MODEL_NAME
-from training.synthetic import SynthConfig, generate
+from training.data.catalog import iter_items, read_catalog
+from training.data.synthetic import SynthConfig, generate
+from training.lifecycle.register import MODEL_NAME
 
 ONETOWER = Path(sys.executable).with_name("onetower")
 

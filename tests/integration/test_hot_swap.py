@@ -16,8 +16,8 @@ from index.publish import read_current, set_current
 from service.client import Client
 from service.server import RunningServer
 from service.snapshot import PairMismatchError
-from training.register import MODEL_NAME, register_encoder
-from training.reindex import reindex
+from training.lifecycle.register import MODEL_NAME, register_encoder
+from training.reindex.job import reindex
 
 from .conftest import Trained, serve_champion
 

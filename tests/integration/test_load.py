@@ -32,8 +32,8 @@ from index.config import IndexConfig
 from index.publish import read_current
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
-from training.register import MODEL_NAME, ensure_experiment, move_alias, register_encoder
-from training.reindex import reindex
+from training.lifecycle.register import MODEL_NAME, ensure_experiment, move_alias, register_encoder
+from training.reindex.job import reindex
 
 from .conftest import Trained, free_port
 from .crash_util import copy_index_root, serve_process, tail, wait_for

@@ -13,7 +13,7 @@ import grpc
 
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
-from training.register import MODEL_NAME
+from training.lifecycle.register import MODEL_NAME
 
 from .conftest import Trained, free_port
 

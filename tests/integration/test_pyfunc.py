@@ -23,7 +23,7 @@ from embed.items import Item
 from embed.load import WEIGHTS_FILE, load_encoder, save_encoder
 from embed.model import UnifiedEncoder
 from embed.tokens import TextTokenizer
-from training.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, register_encoder
+from training.lifecycle.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, register_encoder
 
 CHAMPION = f"models:/{MODEL_NAME}@{DEFAULT_ALIAS}"
 TEXTS = ["red leather handbag with gold zip", "blue cotton shirt, slim fit", "green wool scarf for winter",

@@ -15,9 +15,9 @@ from embed.load import load_encoder
 from index.config import IndexConfig
 from index.publish import find_version_for_model, load_version, read_current
 from onetower.cli import app
-from training.refresh import STATE_FILE, STEPS
-from training.register import ensure_experiment, metric_tag, register_encoder
-from training.reindex import reindex
+from training.lifecycle.refresh import STATE_FILE, STEPS
+from training.lifecycle.register import ensure_experiment, metric_tag, register_encoder
+from training.reindex.job import reindex
 
 from .conftest import N_ITEMS, Trained
 

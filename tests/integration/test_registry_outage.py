@@ -29,7 +29,7 @@ from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
 from service.config import ServiceConfig
 from service.server import start_server
-from training.register import MODEL_NAME, ensure_experiment, register_encoder
+from training.lifecycle.register import MODEL_NAME, ensure_experiment, register_encoder
 
 from .conftest import free_port, start_mlflow_server
 from .hanging_proxy import HangingProxy

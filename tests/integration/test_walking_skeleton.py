@@ -12,7 +12,7 @@ from PIL import Image
 
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
-from training.synthetic import load_traits
+from training.data.synthetic import load_traits
 
 from .conftest import Trained
 

@@ -66,7 +66,7 @@ def test_saved_stitched_encoder_loads_as_stitched(stitched: StitchedEncoder, tok
 
 
 def test_stitched_trains_through_the_recommendation_stage(tiny_config: EncoderConfig) -> None:
-    from training.stages import RecommendationStage
+    from training.fitting.stages import RecommendationStage
 
     config = dataclasses.replace(tiny_config, architecture="stitched")
     stage = RecommendationStage(dataclasses.asdict(config), lr=1e-3, weight_decay=0.0, warmup_steps=1,

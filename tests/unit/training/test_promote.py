@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from index.config import IndexConfig
 from index.ids import IdMap
 from index.publish import publish_index
-from training.promote import PromotionError, promote, rollback
-from training.register import MODEL_NAME, alias_version, metric_tag, move_alias
+from training.lifecycle.promote import PromotionError, promote, rollback
+from training.lifecycle.register import MODEL_NAME, alias_version, metric_tag, move_alias
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import TrainConfig
-from training.refresh import STATE_FILE, RefreshConfig, _load_state
+from training.fitting.config import TrainConfig
+from training.lifecycle.refresh import STATE_FILE, RefreshConfig, _load_state
 
 
 def _config(tmp_path: Path, interactions: bytes) -> RefreshConfig:

@@ -25,9 +25,9 @@ from embed.tokens import TextTokenizer
 from index.config import IndexConfig
 from index.log import LOG_FILE, LogRecord, WriteLog
 from index.publish import PublishedIndex, list_versions, load_version, read_current
-from training import reindex as reindex_module
-from training.data import iter_items, read_catalog
-from training.reindex import ReindexResult, default_work_dir, reindex
+from training.data.catalog import iter_items, read_catalog
+from training.reindex import job as reindex_module
+from training.reindex.job import ReindexResult, default_work_dir, reindex
 
 N_ITEMS = 40
 BROKEN = {"item-011", "item-027"}  # their image files are not images
@@ -298,7 +298,7 @@ def ray_session() -> Iterator[None]:
 @pytest.mark.slow  # a local Ray + one actor: 39 s (setup + call) at load average 7-10, 71 s at 15
 def test_the_ray_engine_gives_the_local_vectors_and_writes_resumable_shards_as_it_goes(
         base: Base, tmp_path: Path, ray_session: None) -> None:
-    from training.reindex_ray import RayEngine
+    from training.reindex.ray_engine import RayEngine
 
     root = tmp_path / "index"
     on_disk: list[int] = []

@@ -21,13 +21,13 @@ from embed.items import Item
 from embed.load import load_encoder
 from embed.model import IMAGE, TEXT, EncoderInput
 from embed.moe import reset_routing, routing_usage
-from training.config import TrainConfig
-from training.curriculum import run_stages
-from training.data import iter_items, read_catalog
-from training.features import AlignmentCollator, ItemFeatures, RowDataset, UnimodalCollator, rows_with
-from training.stages import AlignmentStage, UnimodalPretrainStage, init_from
-from training.synthetic import SynthConfig, SynthDataset, generate
-from training.train import compile_encoder, prepare_features
+from training.data.catalog import iter_items, read_catalog
+from training.data.features import AlignmentCollator, ItemFeatures, RowDataset, UnimodalCollator, rows_with
+from training.data.synthetic import SynthConfig, SynthDataset, generate
+from training.fitting.config import TrainConfig
+from training.fitting.curriculum import run_stages
+from training.fitting.stages import AlignmentStage, UnimodalPretrainStage, init_from
+from training.fitting.train import compile_encoder, prepare_features
 
 CONFIG = TrainConfig(encoder="tiny", batch_size=32, lr=3e-3, warmup_steps=5, seed=0)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from training.synthetic import FORBIDDEN_WORDS, TRAIT_KINDS, VOCAB, SynthConfig, generate, load_traits
+from training.data.synthetic import FORBIDDEN_WORDS, TRAIT_KINDS, VOCAB, SynthConfig, generate, load_traits
 
 SMALL = SynthConfig(n_items=120, n_users=40, seed=7, image_size=32)
 

@@ -22,10 +22,10 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from embed.config import EncoderConfig
 from embed.load import save_encoder
-from training.config import STAGES, TrainConfig
-from training.features import AlignmentCollator, ItemFeatures, RowDataset, UnimodalCollator, rows_with
-from training.stages import AlignmentStage, EncoderStage, UnimodalPretrainStage, init_from
-from training.train import (
+from training.data.features import AlignmentCollator, ItemFeatures, RowDataset, UnimodalCollator, rows_with
+from training.fitting.config import STAGES, TrainConfig
+from training.fitting.stages import AlignmentStage, EncoderStage, UnimodalPretrainStage, init_from
+from training.fitting.train import (
     TrainResult,
     build_trainer,
     compile_encoder,

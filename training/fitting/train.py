@@ -19,11 +19,11 @@ from embed.config import EncoderConfig
 from embed.load import save_encoder
 from embed.model import Block
 from embed.tokens import TextTokenizer
-from training.config import TrainConfig
-from training.data import iter_items, read_catalog, read_interactions, restrict_modalities
-from training.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
-from training.stages import RecommendationStage
-from training.throughput import Throughput
+from training.data.catalog import iter_items, read_catalog, read_interactions, restrict_modalities
+from training.data.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
+from training.fitting.config import TrainConfig
+from training.fitting.stages import RecommendationStage
+from training.fitting.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +127,15 @@ def build_trainer(config: TrainConfig, out_dir: Path, mlf: MLFlowLogger,
         logger=mlf, callbacks=callbacks, log_every_n_steps=config.log_every_n_steps,
         enable_progress_bar=progress_bar, default_root_dir=out_dir, enable_model_summary=False,
         max_epochs=-1), throughput
+
+
+def describe_training(result: TrainResult) -> str:
+    """One line for a person: final loss, time, throughput, per-stage losses, the run and where the encoder is."""
+    m = result.metrics
+    stages = "; ".join(f"stage {n} loss {m[f'stage{n}_loss']:.4f}" for n in (1, 2, 3) if f"stage{n}_loss" in m)
+    rate = f" ({m['pairs_per_second']:.0f} pairs/s)" if "pairs_per_second" in m else ""
+    rate += "".join(f"; stage {n} {m[f'stage{n}_items_per_s']:.0f} items/s" for n in (1, 2, 3)
+                    if f"stage{n}_items_per_s" in m)
+    rate += f"; {m['items_per_s']:.0f} items/s" if "items_per_s" in m else ""
+    return (f"final loss {m['train_loss']:.4f} in {m['train_seconds']:.1f}s{rate}"
+            + (f" ({stages})" if stages else "") + f"; run {result.run_id}; encoder in {result.encoder_dir}")

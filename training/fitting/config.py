@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from embed.config import EncoderConfig, known_fields, preset
+import yaml
 
-MODALITIES = ("both", "text", "image")
+from embed.config import EncoderConfig, known_fields, preset
+from training.data.catalog import MODALITIES
+
+CONFIG_DIR = Path(__file__).parents[1] / "configs"  # the bundled YAML files: demo, tiny, gpu, eval-*, curriculum*
 PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true")
-STAGES = (1, 2, 3)
-SECTIONS = ("trainer", "model", "data")  # LightningCLI-style YAML groups, flattened into TrainConfig fields  # unimodal pretraining, image-text alignment, recommendation fine-tuning
+STAGES = (1, 2, 3)  # unimodal pretraining, image-text alignment, recommendation fine-tuning
+SECTIONS = ("trainer", "model", "data")  # LightningCLI-style YAML groups, flattened into TrainConfig fields
 
 
 @dataclass(frozen=True)
@@ -92,3 +96,24 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_train_config(ref: str) -> TrainConfig:
+    """Read a training YAML file, or a bundled one by name (`demo`, `tiny`, `gpu`).
+
+    Raises:
+        FileNotFoundError: `ref` is neither a file nor a bundled name.
+        TypeError: the YAML is not a mapping.
+        ValueError: it names unknown `TrainConfig` fields or invalid values.
+    """
+    path = Path(ref)
+    if not path.is_file():
+        bundled = CONFIG_DIR / f"{ref}.yaml"
+        if not bundled.is_file():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"config {ref!r} is neither a YAML file nor a bundled config {names}")
+        path = bundled
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise TypeError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
+    return TrainConfig.from_dict(data)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -17,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "onetower-encoder"
 DEFAULT_ALIAS = "champion"
+EVALUATION_TAG = "onetower.evaluation"  # JSON: where and on what a version's metric tags were measured
 HISTORY_TAG = "onetower.alias_history.{alias}"  # registered-model tag: JSON list of earlier holders
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 EMBED_PACKAGE = Path(embed_load.__file__).parent
@@ -71,6 +74,15 @@ def register_encoder(encoder_dir: Path, run_id: str, metrics: dict[str, float], 
 def metric_tag(metric: str) -> str:
     """The model-version tag holding `metric` (MLflow tag keys cannot hold '@')."""
     return "metric." + metric.replace("@", "_at_")
+
+
+def tag_evaluation(client: MlflowClient, name: str, version: str, metrics: Mapping[str, float],
+                   keys: Iterable[str], note: Mapping[str, Any]) -> None:
+    """Record a version's evaluation as tags `promote` reads: each of `keys` in `metrics`, and `note` (JSON)."""
+    for key in keys:
+        if key in metrics:
+            client.set_model_version_tag(name, version, metric_tag(key), f"{metrics[key]:.6g}")
+    client.set_model_version_tag(name, version, EVALUATION_TAG, json.dumps(dict(note)))
 
 
 def alias_history(client: MlflowClient, name: str, alias: str) -> list[str]:

@@ -32,8 +32,8 @@ import polars as pl
 import pyarrow as pa
 
 from embed.load import ENCODER_FILES, load_encoder
-from training.data import iter_items
-from training.reindex import embed_items
+from training.data.catalog import iter_items
+from training.reindex.embedding import embed_batch
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class _Embedder:
         if not isinstance(frame, pl.DataFrame):
             raise TypeError(f"map_batches gave {type(batch).__name__}, want a pyarrow Table")
         items = list(iter_items(frame, self.base))
-        vectors, errors = embed_items(self.encoder, items)
+        vectors, errors = embed_batch(self.encoder, items)
         full = np.zeros((len(items), self.encoder.dim), np.float32)  # refused items get a zero row, dropped later
         full[np.array([not e for e in errors], bool)] = vectors
         return {"item_id": np.array([it.item_id for it in items], dtype=object),

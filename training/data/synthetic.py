@@ -12,46 +12,26 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
-from PIL import Image
+
+from training.data.catalog import EVENT_WEIGHTS
+from training.data.render import write_images
+from training.data.traits import COLOUR_RGB, COLUMN, TRAIT_KINDS, TRAITS, VOCAB
 
 logger = logging.getLogger(__name__)
 
-TRAIT_KINDS: dict[str, str] = {
-    "colour": "image", "pattern": "image", "shape": "image",
-    "brand": "text", "material": "text", "price_band": "text",
-    "category": "shared",
-}
-VOCAB: dict[str, tuple[str, ...]] = {
-    "colour": ("red", "orange", "yellow", "green", "blue", "purple", "black", "white"),
-    "pattern": ("solid", "stripes", "dots", "checks", "zigzag"),
-    "shape": ("circle", "square", "triangle", "cross"),  # the corner badge
-    "brand": ("Zorvane", "Lumetta", "Brakka", "Ostrel", "Velmora", "Quintaro",
-              "Tarsko", "Ombrelle", "Fennick", "Doraxi", "Halvex", "Mirelle"),
-    "material": ("leather", "cotton", "wool", "linen", "canvas", "bamboo", "steel"),
-    "price_band": ("budget", "mid", "premium", "luxury"),
-    "category": ("bag", "shirt", "shoe", "lamp", "mug", "hat", "bottle", "chair", "watch", "vase"),
-}
-COLOUR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "orange": (240, 135, 20), "yellow": (235, 215, 30), "green": (30, 160, 60),
-    "blue": (35, 75, 215), "purple": (130, 45, 175), "black": (25, 25, 25), "white": (240, 240, 240),
-}
-EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "like": 3.0, "purchase": 5.0}
 # words that would leak an image-only trait into the text, typos included
 FORBIDDEN_WORDS = frozenset(
     [w for t, k in TRAIT_KINDS.items() if k == "image" for w in VOCAB[t]]
     + ["stripe", "striped", "dot", "dotted", "check", "checked", "checkered", "round", "colour", "color"]
 )
 
-_TRAITS = tuple(TRAIT_KINDS)
-_COL = {t: i for i, t in enumerate(_TRAITS)}
+_TRAITS, _COL = TRAITS, COLUMN
 _PREF_A = ("colour", "pattern", "shape", "category")  # seen in the image
 _PREF_B = ("brand", "material", "price_band")  # only in the text
 _PREF_SHARE = 0.8  # share of a user's events that pick an item satisfying one of their conjunctions
@@ -59,8 +39,6 @@ _MIN_SUPPORT = 3  # items a conjunction should match, when the catalog allows
 _EVENT_P = {True: (0.45, 0.3, 0.15, 0.1), False: (0.75, 0.17, 0.05, 0.03)}  # by "satisfies a preference"
 _T0_US = 1_704_067_200 * 10**6  # 2024-01-01T00:00:00Z
 _DAY_US = 86_400 * 10**6
-_CHUNK_PIXELS = 1 << 21  # pixels per render chunk bounds memory: 512 images of 64x64
-_WRITERS = 4  # PNG encoding releases the GIL
 _TITLES = ("{brand} {material} {category}", "{material} {category} by {brand}",
            "{brand} {category} in {material}", "{category}, {material} - {brand}")
 _PRICE = {
@@ -175,7 +153,8 @@ def generate(out_dir: Path, config: SynthConfig = SynthConfig(),
     columns = ["user_id", "item_id", "ts", "event", "weight"]
     events.filter(~cold).select(columns).write_parquet(ds.interactions)
     events.filter(cold).select(columns).write_parquet(ds.holdout_interactions)
-    _write_images(ds.root / "images", items, item_ids, config, progress)
+    write_images(ds.root / "images" if config.write_images else None, items.codes, items.has_image, item_ids,
+                 config.image_size, config.noise, config.seed, progress)
     meta = {"config": asdict(config), "trait_kinds": TRAIT_KINDS, "vocab": VOCAB,
             "colour_rgb": COLOUR_RGB, "event_weights": EVENT_WEIGHTS}
     ds.meta.write_text(json.dumps(meta, indent=2) + "\n")
@@ -368,130 +347,3 @@ def _preferences_frame(prefs: dict[str, NDArray[np.int64]], user_ids: pl.Series)
         "trait_b": pl.Series(_PREF_B, dtype=pl.String).gather(tb), "value_b": value_b,
         "n_items": prefs["support"],  # items matching the conjunction, cold ones included
     }, schema_overrides={"value_a": pl.String, "value_b": pl.String})
-
-
-_Float = NDArray[np.floating[Any]]
-
-
-# Silhouettes and patterns are masks over object coordinates u, v in [-1, 1] (v points down).
-def _box(u: _Float, v: _Float, u0: float, u1: float, v0: float, v1: float) -> NDArray[np.bool_]:
-    return (u >= u0) & (u <= u1) & (v >= v0) & (v <= v1)
-
-
-def _oval(u: _Float, v: _Float, cu: float, cv: float, ru: float, rv: float) -> NDArray[np.bool_]:
-    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1
-
-
-def _ring(u: _Float, v: _Float, cu: float, cv: float) -> NDArray[np.bool_]:
-    return _oval(u, v, cu, cv, 0.4, 0.4) & ~_oval(u, v, cu, cv, 0.24, 0.24)
-
-
-_Mask = Callable[[_Float, _Float], NDArray[np.bool_]]
-_SILHOUETTES: dict[str, _Mask] = {  # by category, one distinct outline each
-    "bag": lambda u, v: _box(u, v, -.65, .65, -.15, .75) | (_ring(u, v, 0, -.15) & (v <= -.15)),
-    "shirt": lambda u, v: (_box(u, v, -.42, .42, -.6, .8) | _box(u, v, -.88, .88, -.6, -.2))
-    & ~_oval(u, v, 0, -.6, .2, .14),
-    "shoe": lambda u, v: _box(u, v, -.8, .8, .25, .55) | _box(u, v, -.8, -.15, -.45, .3)
-    | _oval(u, v, .35, .3, .45, .25),
-    "lamp": lambda u, v: ((v >= -.8) & (v <= -.15) & (np.abs(u) <= .2 + .75 * (v + .8)))
-    | _box(u, v, -.07, .07, -.15, .55) | _box(u, v, -.45, .45, .55, .72),
-    "mug": lambda u, v: _box(u, v, -.6, .3, -.55, .7) | (_ring(u, v, .3, .07) & (u >= .3)),
-    "hat": lambda u, v: _oval(u, v, 0, .4, .95, .18) | _box(u, v, -.45, .45, -.35, .4)
-    | _oval(u, v, 0, -.35, .45, .2),
-    "bottle": lambda u, v: _box(u, v, -.35, .35, -.1, .85) | _oval(u, v, 0, -.1, .35, .25)
-    | _box(u, v, -.12, .12, -.8, -.1),
-    "chair": lambda u, v: _box(u, v, -.55, .55, -.02, .15) | _box(u, v, -.55, -.38, -.8, 0)
-    | _box(u, v, -.55, -.42, .15, .8) | _box(u, v, .42, .55, .15, .8),
-    "watch": lambda u, v: _oval(u, v, 0, 0, .42, .42) | _box(u, v, -.22, .22, -.95, .95),
-    "vase": lambda u, v: _oval(u, v, 0, .3, .55, .5) | _box(u, v, -.16, .16, -.75, 0)
-    | _oval(u, v, 0, -.75, .3, .08),
-}
-_K = 3.0  # pattern frequency: a stripe is 1/3 of an object unit, about 8 px at 64 px
-_PATTERNS: dict[str, _Mask] = {  # where the object shows its second tone
-    "solid": lambda u, v: np.zeros(u.shape, bool),
-    "stripes": lambda u, v: np.floor(u * _K) % 2 == 1,
-    "dots": lambda u, v: (u * _K % 1 - .5) ** 2 + (v * _K % 1 - .5) ** 2 < .09,
-    "checks": lambda u, v: (np.floor(u * _K) + np.floor(v * _K)) % 2 == 1,
-    "zigzag": lambda u, v: np.floor(v * _K + np.abs(u * _K % 2 - 1)) % 2 == 1,
-}
-_BADGES: dict[str, _Mask] = {
-    "circle": lambda u, v: u**2 + v**2 <= 1,
-    "square": lambda u, v: (np.abs(u) <= .85) & (np.abs(v) <= .85),
-    "triangle": lambda u, v: (v <= .8) & (v >= 2 * np.abs(u) - 1),
-    "cross": lambda u, v: ((np.abs(u) <= .3) & (np.abs(v) <= 1)) | ((np.abs(v) <= .3) & (np.abs(u) <= 1)),
-}
-_BASE_RGB = np.asarray([COLOUR_RGB[c] for c in VOCAB["colour"]], np.float32)
-# the second tone mixes the colour 40% towards black (towards white for dark colours): hue survives
-_ALT_RGB = np.where(_BASE_RGB.mean(1, keepdims=True) > 80, _BASE_RGB * 0.6, 0.6 * _BASE_RGB + 102)
-_BADGE_RGB = np.asarray([45, 45, 45], np.float32)
-
-
-def _masks(which: NDArray[np.int64], shapes: dict[str, _Mask], u: _Float, v: _Float) -> NDArray[np.bool_]:
-    u, v = np.broadcast_arrays(u, v)
-    out = np.zeros(u.shape, bool)
-    for k, mask in enumerate(shapes.values()):
-        sel = which == k
-        if sel.any():
-            out[sel] = mask(u[sel], v[sel])
-    return out
-
-
-def _render(codes: NDArray[np.int64], size: int, noise: float, rng: np.random.Generator) -> NDArray[np.uint8]:
-    """Render items as (B, size, size, 3) uint8 images: background, object, corner badge."""
-    b = len(codes)
-    grid = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1)
-    x, y = grid[None, None, :], grid[None, :, None]
-    angle = (rng.uniform(-1, 1, b) * noise * np.pi / 5).astype(np.float32)[:, None, None]
-    scale = (0.72 * (1 + rng.uniform(-1, 1, b) * noise * 0.25)).astype(np.float32)[:, None, None]
-    shift = (rng.uniform(-1, 1, (b, 2, 1, 1)) * noise * 0.25).astype(np.float32)  # crops push it off-centre
-    dx, dy = x - shift[:, 0], y - shift[:, 1]
-    u = (np.cos(angle) * dx + np.sin(angle) * dy) / scale  # (B, size, size)
-    v = (np.cos(angle) * dy - np.sin(angle) * dx) / scale
-    obj = _masks(codes[:, _COL["category"]], _SILHOUETTES, u, v)
-    second = _masks(codes[:, _COL["pattern"]], _PATTERNS, u, v)
-    colour = codes[:, _COL["colour"]]
-    fill = np.where(second[..., None], _ALT_RGB[colour][:, None, None], _BASE_RGB[colour][:, None, None])
-    img = np.where(obj[..., None], fill, _background(rng, b, x, y, noise))
-    corner = rng.integers(0, 2, (b, 2, 1, 1)) * 1.48 - 0.74  # badge centre in one of the four corners
-    badge = _masks(codes[:, _COL["shape"]], _BADGES, (x - corner[:, 0]) / 0.18, (y - corner[:, 1]) / 0.18)
-    img = np.where(badge[..., None], _BADGE_RGB, img)
-    if noise > 0:  # uniform pixel noise from raw bytes: far cheaper than normal draws
-        grain = np.frombuffer(rng.bytes(img.size), np.uint8).reshape(img.shape)
-        img = img + (grain.astype(np.float32) - 127.5) * (noise * 0.25)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _background(rng: np.random.Generator, b: int, x: _Float, y: _Float, noise: float) -> _Float:
-    """Grey-ish tint plus soft coloured blobs whose strength grows with noise: (B, S, S, 3)."""
-    tint = rng.uniform(95, 175, (b, 1, 1, 1)) + rng.uniform(-15, 15, (b, 1, 1, 3))
-    img = np.broadcast_to(tint.astype(np.float32), (b, y.shape[1], x.shape[2], 3)).copy()
-    for _ in range(3):
-        centre = rng.uniform(-1, 1, (b, 2, 1, 1)).astype(np.float32)
-        radius = rng.uniform(0.1, 0.4, (b, 1, 1)).astype(np.float32)
-        amplitude = (rng.uniform(-1, 1, (b, 1, 1, 3)) * noise * 90).astype(np.float32)
-        blob = np.exp(-((x - centre[:, 0]) ** 2 + (y - centre[:, 1]) ** 2) / (2 * radius**2))
-        img += blob[..., None] * amplitude
-    return img
-
-
-def _write_images(folder: Path, items: _Items, item_ids: pl.Series, config: SynthConfig,
-                  progress: Callable[[int], None] | None) -> None:
-    """Render and write PNGs chunk by chunk, so memory stays bounded at any catalog size."""
-    n, chunk = config.n_items, max(1, _CHUNK_PIXELS // config.image_size**2)
-    if config.write_images:
-        folder.mkdir(exist_ok=True)
-    with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
-        for k, lo in enumerate(range(0, n, chunk)):
-            hi = min(n, lo + chunk)
-            idx = lo + np.flatnonzero(items.has_image[lo:hi])
-            if config.write_images and idx.size:
-                rng = np.random.default_rng([config.seed, 3, k])  # per chunk: chunks are independent
-                images = _render(items.codes[idx], config.image_size, config.noise, rng)
-                paths = [folder / f"{item_id}.png" for item_id in item_ids.gather(idx)]
-                list(pool.map(_save_png, paths, images))
-            if progress is not None:
-                progress(hi - lo)
-
-
-def _save_png(path: Path, image: NDArray[np.uint8]) -> None:
-    Image.fromarray(image).save(path, format="PNG", compress_level=1)

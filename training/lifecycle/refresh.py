@@ -7,7 +7,7 @@ skips what is done (and a rerun of a finished refresh only prints its summary ag
 2. `split`     the held-out interactions: a given holdout file, or a fraction of items held out.
 3. `train`     Lightning fine-tune from the champion's weights with its tokenizer (resumes from the
                last checkpoint); the vocabulary stays the champion's, so ids and tokens agree.
-4. `evaluate`  champion and candidate, the cold-start protocol of `training.evaluate`, same split.
+4. `evaluate`  champion and candidate, the cold-start protocol of `training.evaluation.run`, same split.
 5. `register`  the candidate as a new version (no alias), both versions tagged with this split's metric.
 6. `reindex`   the catalog with the candidate; the live-write log is left whole (not folded), so the
                service keeps every acknowledged write whichever version ends up serving.
@@ -35,23 +35,29 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 from mlflow import MlflowClient
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 from rich.table import Table
 
 from embed.load import load_encoder, load_model, save_encoder
 from index.config import IndexConfig
 from index.publish import find_version_for_model, read_current, set_current
-from training.config import TrainConfig
-from training.data import iter_items, read_catalog, read_interactions
-from training.evaluate import DEFAULT_KS, evaluate_embeddings, split_holdout_items
-from training.evaluate import embed_items as embed_for_eval
-from training.features import ItemFeatures
-from training.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote
-from training.register import DEFAULT_ALIAS, MODEL_NAME, metric_tag, register_encoder, resolve_model
-from training.reindex import DEFAULT_KEEP_VERSIONS, reindex
-from training.stages import init_from
-from training.train import recommendation_setup
+from training.data.catalog import iter_items, read_catalog, read_interactions
+from training.data.features import ItemFeatures
+from training.evaluation.metrics import DEFAULT_KS, evaluate_embeddings
+from training.evaluation.run import embed_catalog
+from training.evaluation.split import split_holdout_items, write_split
+from training.fitting.config import TrainConfig
+from training.fitting.stages import init_from
+from training.fitting.train import build_trainer, recommendation_setup
+from training.lifecycle.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote
+from training.lifecycle.register import (
+    DEFAULT_ALIAS,
+    MODEL_NAME,
+    register_encoder,
+    resolve_model,
+    tag_evaluation,
+)
+from training.reindex.job import DEFAULT_KEEP_VERSIONS, reindex
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +194,8 @@ def _split(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> 
         return {"train": str(config.interactions), "holdout": str(config.holdout), "held_out": "given"}
     train_frame, holdout_frame = split_holdout_items(read_interactions(config.interactions),
                                                      config.holdout_fraction, config.train.seed)
-    folder = config.workdir / "split"
-    folder.mkdir(exist_ok=True)
-    train_frame.write_parquet(folder / "interactions_train.parquet")
-    holdout_frame.write_parquet(folder / "interactions_holdout.parquet")
-    return {"train": str(folder / "interactions_train.parquet"), "holdout": str(folder / "interactions_holdout.parquet"),
-            "held_out": f"{config.holdout_fraction:.0%} of items"}
+    train_path, holdout_path = write_split(train_frame, holdout_frame, config.workdir / "split")
+    return {"train": str(train_path), "holdout": str(holdout_path), "held_out": f"{config.holdout_fraction:.0%} of items"}
 
 
 def _train(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> dict[str, Any]:
@@ -214,11 +216,7 @@ def _train(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> 
     (out / "run_id").write_text(str(mlf.run_id))  # a rerun after a crash logs into the same run
     mlf.log_hyperparams({f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()}
                         | {"refresh.champion_version": steps["champion"]["version"]})
-    trainer = pl.Trainer(
-        max_steps=cfg.max_steps, max_epochs=-1, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,  # type: ignore[arg-type]
-        logger=mlf, callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)],
-        log_every_n_steps=cfg.log_every_n_steps, enable_progress_bar=progress_bar, enable_model_summary=False,
-        default_root_dir=out)
+    trainer, _ = build_trainer(cfg.replace(devices=1, num_nodes=1, strategy="auto"), out, mlf, progress_bar)
     started = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
     loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
@@ -237,7 +235,7 @@ def _evaluate(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) 
     holdout_frame = read_interactions(Path(steps["split"]["holdout"]))
     out: dict[str, Any] = {}
     for name, directory in (("champion", steps["champion"]["directory"]), ("candidate", steps["train"]["encoder_dir"])):
-        vectors = embed_for_eval(Path(directory), items)
+        vectors = embed_catalog(Path(directory), items)
         result = evaluate_embeddings(vectors, item_ids, train_frame, holdout_frame, DEFAULT_KS, n_bootstrap=100,
                                      seed=config.train.seed)
         out[name] = {k: result[k] for k in REPORTED}
@@ -255,13 +253,9 @@ def _register(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) 
         Path(steps["train"]["encoder_dir"]), run_id, {**ev["candidate"], "train_loss": steps["train"]["train_loss"]},
         model_name=config.model_name, alias=None)
     # promote() compares recorded tags: record the champion's score on this very split beside the candidate's
-    champion = steps["champion"]["version"]
-    for key in REPORTED:
-        for v, who in ((champion, "champion"), (version, "candidate")):
-            client.set_model_version_tag(config.model_name, v, metric_tag(key), f"{ev[who][key]:.6g}")
-    note = json.dumps({"refresh": str(config.workdir.resolve()), "n_users": ev["n_users"]})
-    for v in (champion, version):
-        client.set_model_version_tag(config.model_name, v, "onetower.evaluation", note)
+    note = {"refresh": str(config.workdir.resolve()), "n_users": ev["n_users"]}
+    for v, who in ((steps["champion"]["version"], "champion"), (version, "candidate")):
+        tag_evaluation(client, config.model_name, v, ev[who], REPORTED, note)
     return {"version": version}
 
 

@@ -13,10 +13,10 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from embed.items import Item
-from training.config import MODALITIES
 
 logger = logging.getLogger(__name__)
 
+MODALITIES = ("both", "text", "image")  # what an encoder is trained and embedded on
 EVENT_WEIGHTS = {"view": 1.0, "click": 2.0, "like": 3.0, "purchase": 5.0}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from index.publish import find_version_for_model, load_version
-from training.register import (
+from training.lifecycle.register import (
     DEFAULT_ALIAS,
     HISTORY_TAG,
     MODEL_NAME,
