@@ -10,7 +10,7 @@ from enum import StrEnum
 import numpy as np
 import torch
 
-from embed.batch import collate
+from embed.batch import collate, text_markers
 from embed.build import Encoder
 from embed.config import EncoderConfig
 from embed.errors import InvalidItemError
@@ -81,6 +81,10 @@ class ItemEncoder:
         if tokenizer.vocab_size > model.config.vocab_size:  # else an IndexError deep in the first forward
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
                              f"vocab_size={model.config.vocab_size}; load them from the same encoder directory")
+        if (tokenizer.cls_id, tokenizer.sep_id) != text_markers(model.config):  # collate inserts the latter
+            raise ValueError(f"tokenizer's [CLS], [SEP] ids are {(tokenizer.cls_id, tokenizer.sep_id)} but "
+                             f"architecture={model.config.architecture!r} embeds {text_markers(model.config)}; "
+                             "load them from the same encoder directory")
         self.config: EncoderConfig = model.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)

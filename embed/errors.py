@@ -27,3 +27,7 @@ class InvalidItemError(ValueError):
     def at(self, item_index: int) -> InvalidItemError:
         """The same error, located at a batch position."""
         return InvalidItemError(self.reason, self.field, self.detail, item_index)
+
+
+class PretrainedUnavailable(ImportError):
+    """A package holding pretrained weights is not installed; the message says which and how to install it."""

@@ -15,15 +15,30 @@ SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4 in this order
 
 
 class TextTokenizer:
-    """Lower-cased byte-level BPE tokenizer; ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]."""
+    """A `tokenizers` tokenizer with the five BERT special tokens; [PAD] must be id 0 (masks test `id != 0`).
+
+    `train` makes the lower-cased byte-level BPE of the unified and stitched encoders, whose special
+    tokens are ids 0..4 (the class attributes below). A pretrained vocabulary may place them elsewhere
+    (MiniLM's WordPiece: [UNK] [CLS] [SEP] [MASK] = 100..103); each instance reads its own ids.
+    """
+
+    # ids of a tokenizer made by `train`; an instance's attributes give its own
+    pad_id, unk_id, cls_id, sep_id, mask_id = range(5)
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if tokenizer.token_to_id(tok) != i:
-                raise ValueError(f"tokenizer must map {tok} to id {i}, got {tokenizer.token_to_id(tok)}")
+        """Raises ValueError when a special token is missing or [PAD] is not id 0."""
+        ids = [tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS]
+        if ids[0] != 0:
+            raise ValueError(f"tokenizer must map {PAD} to id 0, got {ids[0]}")
+        missing = [tok for tok, i in zip(SPECIAL_TOKENS, ids, strict=True) if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (i for i in ids if i is not None)
+        # `encode_batch` truncates itself and `collate` pads; a pretrained tokenizer.json may pad every text
+        # to a fixed length (MiniLM's: 128), which would put [PAD] ids inside the token lists.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self._tok = tokenizer
-
-    pad_id, unk_id, cls_id, sep_id, mask_id = range(5)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:

@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from training.data.catalog import read_interactions
+from training.data.features import count_pairs
 from training.data.synthetic import PRESETS, generate
 from training.evaluation.metrics import DEFAULT_KS
 from training.evaluation.run import MODELS, EvalData, run_evaluation
-from training.fitting.config import load_train_config
+from training.fitting.config import data_budget, load_train_config
 from training.lifecycle.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote, rollback
 from training.lifecycle.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, tag_evaluation
 from training.lifecycle.tracking import log_evaluation, use_tracking
@@ -23,7 +25,7 @@ from training.lifecycle.tracking import log_evaluation, use_tracking
 console = Console()
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
-EVAL_CONFIGS = {"small": "eval-small", "medium": "eval-medium", "tiny": "tiny"}  # training config of each preset's models
+EVAL_CONFIGS = {"small": "eval-small", "medium": "eval-medium", "tiny": "tiny", "conjunction": "eval-conjunction"}  # training config of each preset's models
 TrackingOpt = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI",
                                                  help="MLflow URI (default: sqlite:///mlflow.db here).")]
 IndexRootOpt = Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT", help="Published index folder.")]
@@ -41,8 +43,9 @@ def evaluate(
     holdout_items: Annotated[float | None, typer.Option(
         help="Hold out this fraction of items (all their events) as cold-start targets.")] = None,
     config: Annotated[str | None, typer.Option(
-        help="Training YAML or bundled name (tiny, demo, gpu, eval-small, eval-medium); default: the preset's "
-             "eval-PRESET, else tiny.")] = None,
+        help="Training YAML or bundled name (tiny, demo, gpu, eval-small, eval-medium, eval-conjunction); default: "
+             "the preset's eval-PRESET; for --catalog, eval-small with steps sized from your data (3 epochs of "
+             "its co-engagement pairs, 100 to 3000 steps); for --data, tiny.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Training steps for every trained model.")] = None,
     models: Annotated[str, typer.Option(help=f"Comma-separated, among {','.join(MODELS)}.")] = ",".join(MODELS),
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds; metrics average over them.")] = "0",
@@ -63,9 +66,14 @@ def evaluate(
     stitched_pretrained needs the optional `baselines` extra; without it, it is reported as skipped.
     """
     _, artifact_root = use_tracking(tracking_uri, Path.cwd())
-    train_config = load_train_config(config or EVAL_CONFIGS.get(preset or "", "tiny"))
+    train_config = load_train_config(config or EVAL_CONFIGS.get(preset or "", "tiny" if catalog is None else "eval-small"))
     if max_steps is not None:
         train_config = dataclasses.replace(train_config, max_steps=max_steps)
+    elif config is None and preset is None and data is None and interactions is not None:
+        budget = data_budget(count_pairs(read_interactions(interactions), train_config.window),
+                             train_config.batch_size)
+        train_config = dataclasses.replace(train_config, max_steps=budget.steps)
+        console.print(f"training budget for your data: {budget.describe()} (--config or --max-steps override)")
     ensure_experiment(train_config.experiment, artifact_root)  # artifacts beside a sqlite store, not in ./mlruns
     if preset is not None:
         if preset not in PRESETS:

@@ -8,6 +8,7 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -112,6 +113,13 @@ def co_engagement_pairs(interactions: pl.DataFrame, row_of: dict[str, int], wind
     return Pairs(anchors=a.astype(np.int64), positives=p.astype(np.int64), log_q=log_q)
 
 
+def count_pairs(interactions: pl.DataFrame, window: int) -> int:
+    """How many pairs `co_engagement_pairs` would make (both orders, before dropping repeats of one item):
+    per user with n events, 2 x sum over offsets 1..window of max(0, n - offset)."""
+    sizes = interactions.group_by("user_id").len()["len"].to_numpy()
+    return int(sum(2 * np.clip(sizes - offset, 0, None).sum() for offset in range(1, window + 1)))
+
+
 class PairDataset(torch.utils.data.Dataset[tuple[int, int]]):
     """Index -> (anchor row, positive row)."""
 
@@ -125,14 +133,19 @@ class PairDataset(torch.utils.data.Dataset[tuple[int, int]]):
         return int(self.pairs.anchors[i]), int(self.pairs.positives[i])
 
 
-class PairCollator:
-    """Collate (anchor, positive) rows into two encoder batches plus the rows themselves."""
+class BatchSource(Protocol):
+    """Catalog rows -> a model batch: `ItemFeatures`, or cached pretrained features."""
 
-    def __init__(self, features: ItemFeatures) -> None:
+    def batch(self, rows: Sequence[int]) -> Any: ...
+
+
+class PairCollator:
+    """Collate (anchor, positive) rows into two model batches plus the rows themselves."""
+
+    def __init__(self, features: BatchSource) -> None:
         self.features = features
 
-    def __call__(self, rows: list[tuple[int, int]]) -> tuple[EncoderInput, EncoderInput, torch.Tensor,
-                                                              torch.Tensor]:
+    def __call__(self, rows: list[tuple[int, int]]) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
         a = [r[0] for r in rows]
         p = [r[1] for r in rows]
         return self.features.batch(a), self.features.batch(p), torch.tensor(a), torch.tensor(p)

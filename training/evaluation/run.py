@@ -20,9 +20,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from embed.errors import PretrainedUnavailable
 from embed.items import Item
-from embed.load import load_encoder
+from embed.load import load_encoder, load_model
+from embed.pretrained import PretrainedNativeEncoder
+from embed.twin import StitchedTwinEncoder
 from training.data.catalog import iter_items, read_catalog, read_interactions, restrict_modalities
+from training.data.embedding import embed_batch
 from training.evaluation.baselines import BaselineUnavailable, PretrainedStitchedEncoder
 from training.evaluation.metrics import (
     DEFAULT_KS,
@@ -34,17 +38,30 @@ from training.evaluation.metrics import (
     seed_mean,
     user_metrics,
 )
+from training.evaluation.oracles import oracle_vectors
 from training.evaluation.report import write_report
 from training.evaluation.split import split_holdout_items, write_split
 from training.fitting.config import TrainConfig
-from training.reindex.embedding import embed_batch
+from training.fitting.pretrained import FeatureCache, encode_cached
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("native", "text_only", "image_only", "stitched", "stitched_pretrained", "popularity", "random")
+MODELS = ("native", "native_pretrained", "text_only", "image_only", "stitched", "stitched_twin", "stitched_twin_mlp",
+          "stitched_pretrained_adapter", "stitched_pretrained", "popularity", "random")
+ORACLES = ("additive", "conjunction")
+REFERENCES = ("native_pretrained", "native")  # the first evaluated is `paired_reference`
 # trained model -> (TrainConfig.modalities, EncoderConfig.architecture)
 TRAINED = {"native": ("both", "unified"), "text_only": ("text", "unified"), "image_only": ("image", "unified"),
            "stitched": ("both", "stitched")}
+# trained over the frozen MiniLM + EfficientNet-Lite0 features (the `pretrained` size, the config's embed_dim):
+# native early fusion, and the stitched twin with a linear head (additive late fusion), with an MLP head
+# (non-additive late fusion), and with no tower blocks (a linear adapter over the pooled frozen features)
+PRETRAINED_TRAINED: dict[str, dict[str, Any]] = {
+    "native_pretrained": {"architecture": "native_pretrained"},
+    "stitched_twin": {"architecture": "stitched_twin", "twin_head": "linear"},
+    "stitched_twin_mlp": {"architecture": "stitched_twin", "twin_head": "mlp"},
+    "stitched_pretrained_adapter": {"architecture": "stitched_twin", "twin_head": "linear", "depth": 0},
+}
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,7 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
     groups = preference_groups(pl.read_parquet(data.preferences)) if data.preferences is not None else None
     runs, info, native = _score_models(data, split, items, out_dir, config, models, seeds, ks, device, progress_bar)
     metrics = _summary(runs, info, groups, items, split, config, seeds, ks, n_bootstrap, preset)
+    metrics["oracles"] = _oracles(data, items, split, ks, n_bootstrap, seeds[0], groups)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     train_ids = set(split.train["item_id"].cast(pl.String).to_list())
     cold = set(split.holdout["item_id"].cast(pl.String).to_list()) - train_ids
@@ -154,14 +172,18 @@ def _score_models(data: EvalData, split: _Split, items: Sequence[Item], out_dir:
             try:
                 vectors, extra = _model_vectors(name, seed, data.catalog, split.train_path, split.train, items,
                                                 out_dir, config, device, progress_bar)
-            except BaselineUnavailable as e:
+            except (BaselineUnavailable, PretrainedUnavailable) as e:
                 logger.warning("%s skipped: %s", name, e)
                 info[name] = {"skipped": str(e)}
+                continue
+            except ValueError as e:  # e.g. image_only on a catalog without images: no pairs to learn from
+                logger.warning("%s cannot apply to this data, skipped: %s", name, e, exc_info=logger.isEnabledFor(10))
+                info[name] = {"skipped": f"cannot apply to this data: {e}"}
                 continue
             runs[name].append(user_metrics(vectors, item_ids, split.train, split.holdout, ks))
             info[name]["seconds"] += time.perf_counter() - started
             info[name].update(extra)
-            if native is None and name == "native":
+            if native is None and name == reference_model(models):
                 native = vectors
             logger.info("%s (seed %d): recall@%d %.4f", name, seed, max(ks),
                         float(runs[name][-1].values[f"recall@{max(ks)}"].mean()))
@@ -171,18 +193,35 @@ def _score_models(data: EvalData, split: _Split, items: Sequence[Item], out_dir:
 def _summary(runs: Mapping[str, list[UserMetrics]], info: Mapping[str, dict[str, Any]],
              groups: Mapping[str, str] | None, items: Sequence[Item], split: _Split, config: TrainConfig,
              seeds: Sequence[int], ks: Sequence[int], n_bootstrap: int, preset: str | None) -> dict[str, Any]:
-    """What metrics.json holds: every model's summary, and native minus each other model, paired."""
+    """What metrics.json holds: every model's summary, and the reference model minus each other one, paired."""
     scored = [name for name in runs if runs[name]]
+    reference = reference_model(scored)
     results = {name: {**combine(runs[name], n_bootstrap, seeds[0], groups), **_rounded(info[name])}
                if runs[name] else info[name] for name in runs}
     first = runs[scored[0]][0] if scored else user_metrics(np.zeros((len(items), 1)), [it.item_id for it in items],
                                                            split.train, split.holdout, ks)
-    paired = {name: paired_bootstrap(seed_mean(runs["native"]), seed_mean(runs[name]), n_bootstrap, seeds[0])
-              for name in scored if name != "native" and "native" in scored}
+    paired = {name: paired_bootstrap(seed_mean(runs[reference]), seed_mean(runs[name]), n_bootstrap, seeds[0])
+              for name in scored if reference is not None and name != reference}
     return {"preset": preset or config.encoder, "seeds": list(seeds), "ks": sorted(set(ks)),
             "n_users": len(first.user_ids), "n_items": first.n_items, "n_cold_items": first.n_cold_items,
-            "protocol": protocol_summary(n_bootstrap), "config": asdict(config), "models": results,
-            "paired": paired}
+            "protocol": protocol_summary(n_bootstrap, reference or "native"), "config": asdict(config),
+            "models": results, "paired_reference": reference, "paired": paired}
+
+
+def _oracles(data: EvalData, items: Sequence[Item], split: _Split, ks: Sequence[int], n_bootstrap: int, seed: int,
+             groups: Mapping[str, str] | None) -> dict[str, Any]:
+    """The data's ceilings: the protocol scored with item vectors built from the true traits (`oracles.py`)."""
+    if data.traits is None:
+        reason = "the catalog has no true traits (traits.parquet): only synthetic data does"
+        return {name: {"skipped": reason} for name in ORACLES}
+    vectors = oracle_vectors(pl.read_parquet(data.traits), [it.item_id for it in items])
+    return {name: combine([user_metrics(vectors[name], [it.item_id for it in items], split.train, split.holdout, ks)],
+                          n_bootstrap, seed, groups) for name in ORACLES}
+
+
+def reference_model(models: Sequence[str]) -> str | None:
+    """The model the paired differences are taken from: native_pretrained when evaluated, else native."""
+    return next((m for m in REFERENCES if m in models), None)
 
 
 def _rounded(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,6 +257,8 @@ def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_
         encoder = load_encoder(result.encoder_dir)
         n_params = sum(p.numel() for p in encoder.model.parameters())
         return embed_catalog(result.encoder_dir, items, modalities, device), {"parameters": n_params}
+    if name in PRETRAINED_TRAINED:
+        return _trained_pretrained_vectors(name, seed, catalog, train_path, items, out_dir, config, progress_bar)
     if name == "stitched_pretrained":
         return _pretrained_vectors(items, device)
     if name == "popularity":  # one dimension: the score is the training event count; unseen items get 0
@@ -225,6 +266,28 @@ def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_
         return np.asarray([[counts.get(it.item_id, 0)] for it in items], dtype=np.float32), {}
     vectors = np.random.default_rng([seed, 1]).standard_normal((len(items), config.encoder_config().embed_dim))
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), {}
+
+
+def _trained_pretrained_vectors(name: str, seed: int, catalog: Path, train_path: Path, items: Sequence[Item],
+                                out_dir: Path, config: TrainConfig, progress_bar: bool
+                                ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train one of PRETRAINED_TRAINED on the shared feature cache; its vectors of `items` from the cache.
+
+    The vectors are `fuse` of the cached `extract` output: the serving path (`ItemEncoder`) computes the
+    same function (tests/unit/embed/test_pretrained.py), without extracting the catalog again per model.
+    """
+    from training.fitting.train import train  # Lightning: only when a model is trained
+
+    overrides = {**PRETRAINED_TRAINED[name], "embed_dim": config.encoder_config().embed_dim}
+    cfg = config.replace(seed=seed, encoder="pretrained", encoder_overrides=overrides)
+    cache = out_dir / "feature-cache"
+    result = train(catalog, train_path, out_dir / "models" / f"{name}-seed{seed}", cfg, progress_bar, cache)
+    model, tokenizer = load_model(result.encoder_dir)
+    if not isinstance(model, PretrainedNativeEncoder | StitchedTwinEncoder):
+        raise TypeError(f"{result.encoder_dir} holds a {model.config.architecture} encoder, not a pretrained one")
+    frozen = sum(p.numel() for p in model.backbone.parameters())
+    vectors = encode_cached(model, FeatureCache(cache, model, tokenizer).features(items))
+    return vectors, {"parameters": sum(p.numel() for p in model.parameters()) - frozen, "frozen_parameters": frozen}
 
 
 # frozen models: one embedding pass serves every seed of a run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,28 @@ def load_train_config(ref: str) -> TrainConfig:
     if not isinstance(data, dict):
         raise TypeError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
     return TrainConfig.from_dict(data)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training steps sized from the data: `epochs` passes over `pairs` at `batch_size`, within [floor, cap]."""
+
+    steps: int
+    pairs: int
+    epochs: int
+    batch_size: int
+    floor: int
+    cap: int
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps: {self.epochs} epochs of {self.pairs} co-engagement pairs at batch "
+                f"{self.batch_size}, within [{self.floor}, {self.cap}]")
+
+
+def data_budget(pairs: int, batch_size: int, epochs: int = 3, floor: int = 100, cap: int = 3000) -> Budget:
+    """Steps for `epochs` passes over `pairs` training pairs, at least `floor` and at most `cap`."""
+    if pairs <= 0 or batch_size <= 0 or epochs <= 0 or not 0 < floor <= cap:
+        raise ValueError(f"pairs={pairs}, batch_size={batch_size}, epochs={epochs} must be positive and "
+                         f"0 < floor={floor} <= cap={cap}")
+    steps = min(cap, max(floor, math.ceil(epochs * pairs / batch_size)))
+    return Budget(steps, pairs, epochs, batch_size, floor, cap)

@@ -12,9 +12,12 @@ from torch import nn
 
 from embed.build import build_encoder
 from embed.config import EncoderConfig
+from embed.features import PretrainedFeatures
 from embed.model import EncoderInput
 from embed.moe import auxiliary_loss, reset_routing, routing_distance, routing_usage
+from embed.pretrained import PretrainedNativeEncoder
 from embed.tokens import TextTokenizer
+from embed.twin import StitchedTwinEncoder
 
 
 def sampled_softmax_loss(queries: torch.Tensor, keys: torch.Tensor, key_rows: torch.Tensor,
@@ -54,6 +57,14 @@ class EncoderStage(pl.LightningModule):
             raise ValueError(f"moe_aux_weight={moe_aux_weight} must be >= 0")
         self.moe_aux_weight = moe_aux_weight
         self.encoder = build_encoder(EncoderConfig.from_dict(encoder_config))  # unified or stitched
+
+    def embed(self, batch: EncoderInput | PretrainedFeatures) -> torch.Tensor:
+        """Unit vectors of a batch: a collated one, or cached frozen-backbone features (pretrained encoders)."""
+        if isinstance(batch, PretrainedFeatures):
+            if not isinstance(self.encoder, PretrainedNativeEncoder | StitchedTwinEncoder):
+                raise TypeError(f"cached pretrained features need a pretrained encoder, not {self.encoder.config.architecture}")
+            return self.encoder.fuse(batch)
+        return self.encoder(batch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         reset_routing(self.encoder)  # routing statistics and load-balancing losses are per step
@@ -96,10 +107,9 @@ class RecommendationStage(EncoderStage):
         self.temperature = temperature
         self.register_buffer("log_q", torch.tensor(log_q) if log_q is not None else None, persistent=False)
 
-    def training_step(self, batch: tuple[EncoderInput, EncoderInput, torch.Tensor, torch.Tensor],
-                      batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[Any, Any, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         anchors, positives, a_rows, p_rows = batch
-        a, p = self.encoder(anchors), self.encoder(positives)
+        a, p = self.embed(anchors), self.embed(positives)
         log_q = self.log_q if isinstance(self.log_q, torch.Tensor) else None
         loss = 0.5 * (sampled_softmax_loss(a, p, p_rows, log_q, self.temperature)
                       + sampled_softmax_loss(p, a, a_rows, log_q, self.temperature))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from embed.features import PretrainedFeatures
 from embed.model import EncoderInput
 
 logger = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def batch_items(batch: Any) -> int:
     """Item views in a batch: the rows of every `EncoderInput` in it (a stage-2 batch of B items has 3B)."""
-    if isinstance(batch, EncoderInput):
+    if isinstance(batch, EncoderInput | PretrainedFeatures):
         return len(batch)
     if isinstance(batch, list | tuple):
         return sum(batch_items(part) for part in batch)

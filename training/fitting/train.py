@@ -22,7 +22,8 @@ from embed.tokens import TextTokenizer
 from training.data.catalog import iter_items, read_catalog, read_interactions, restrict_modalities
 from training.data.features import ItemFeatures, PairCollator, PairDataset, co_engagement_pairs
 from training.fitting.config import TrainConfig
-from training.fitting.stages import RecommendationStage
+from training.fitting.pretrained import CachedItemFeatures, prepare_pretrained
+from training.fitting.stages import RecommendationStage, init_from
 from training.fitting.throughput import Throughput
 
 logger = logging.getLogger(__name__)
@@ -39,15 +40,26 @@ class TrainResult:
 
 
 def train(catalog: Path, interactions: Path, out_dir: Path, config: TrainConfig,
-          progress_bar: bool = True) -> TrainResult:
+          progress_bar: bool = True, feature_cache: Path | None = None) -> TrainResult:
     """Train the encoder on co-engagement and save it under `out_dir/encoder`.
 
+    A pretrained architecture (`native_pretrained`, `stitched_twin`) starts from the installed MiniLM and
+    EfficientNet-Lite0 weights and trains its fusion part on their features, extracted once per item into
+    `feature_cache` (default `out_dir/feature-cache`; share it between runs over one catalog).
     Logs params and curves to the active MLflow tracking URI (experiment `config.experiment`).
     """
     pl.seed_everything(config.seed, workers=True)
     started = time.perf_counter()
-    tokenizer, enc_config, features = prepare_features(catalog, config)
+    pretrained = None
+    features: ItemFeatures | CachedItemFeatures
+    if config.encoder_config().pretrained:
+        tokenizer, enc_config, features, pretrained = prepare_pretrained(
+            catalog, config, feature_cache or out_dir / "feature-cache")
+    else:
+        tokenizer, enc_config, features = prepare_features(catalog, config)
     module, loader = recommendation_setup(features, interactions, enc_config, config, config.max_steps)
+    if pretrained is not None:
+        init_from(module, pretrained.state_dict())  # the backbones' pretrained weights, the fusion's seeded init
     if config.compile:
         compile_encoder(module.encoder)
     logger.info("prepared %d items in %.1fs", len(features), time.perf_counter() - started)
@@ -88,7 +100,7 @@ def prepare_features(catalog: Path, config: TrainConfig) -> tuple[TextTokenizer,
     return tokenizer, enc_config, ItemFeatures(items, tokenizer, enc_config, workers=config.num_workers)
 
 
-def recommendation_setup(features: ItemFeatures, interactions: Path, enc_config: EncoderConfig,
+def recommendation_setup(features: ItemFeatures | CachedItemFeatures, interactions: Path, enc_config: EncoderConfig,
                          config: TrainConfig, max_steps: int
                          ) -> tuple[RecommendationStage, torch.utils.data.DataLoader[tuple[int, int]]]:
     """The stage-3 module and its loader of co-engagement pairs."""

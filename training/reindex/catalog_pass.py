@@ -19,7 +19,7 @@ from embed.items import Item
 from index.compact import IndexRows
 from index.publish import PublishedIndex
 from index.shards import ShardStore
-from training.reindex.embedding import embed_batch, embed_pipelined
+from training.data.embedding import embed_batch, embed_pipelined
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from index.log import LOG_FILE, LogRecord, WriteLog
 from index.publish import PublishedIndex, load_version, prune_versions, publish_index, read_current
 from index.shards import ShardStore
 from training.data.catalog import iter_items, read_catalog
+from training.data.embedding import embed_batch
 from training.reindex.catalog_pass import PassCounts, Progress, ShardWriter, VectorReuse
-from training.reindex.embedding import embed_batch
 
 logger = logging.getLogger(__name__)
 

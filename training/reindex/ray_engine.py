@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from embed.load import ENCODER_FILES, load_encoder
 from training.data.catalog import iter_items
-from training.reindex.embedding import embed_batch
+from training.data.embedding import embed_batch
 
 logger = logging.getLogger(__name__)
 

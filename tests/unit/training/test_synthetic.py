@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from training.data.synthetic import FORBIDDEN_WORDS, TRAIT_KINDS, VOCAB, SynthConfig, generate, load_traits
+from training.data.synthetic import (
+    FORBIDDEN_WORDS,
+    PRESETS,
+    TRAIT_KINDS,
+    VOCAB,
+    SynthConfig,
+    generate,
+    load_traits,
+)
 
 SMALL = SynthConfig(n_items=120, n_users=40, seed=7, image_size=32)
 
@@ -91,6 +102,82 @@ def test_progress_counts_every_item(tmp_path: Path) -> None:
     assert sum(seen) == 50
 
 
-def test_invalid_config_names_the_value() -> None:
-    with pytest.raises(ValueError, match="missing rates sum to"):
-        SynthConfig(missing_image_rate=0.6, missing_text_rate=0.5)
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"missing_image_rate": 0.6, "missing_text_rate": 0.5}, "missing rates sum to"),
+    ({"preferences": "pairs"}, "preferences='pairs' must be one of"),
+    ({"preference_share": 1.5}, r"preference_share=1.5 must be in \[0, 1\]"),
+    ({"event_days": 0}, "event_days=0 must be >= 1"),
+])
+def test_invalid_config_names_the_value(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SynthConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_existing_presets_generate_the_same_frames_as_before_the_crossed_mode(tmp_path: Path) -> None:
+    # sha256 of the tiny preset's frames generated before SynthConfig gained preferences, preference_share
+    # and event_days (a polars upgrade that changes write_ndjson's formatting would change it too)
+    ds = generate(tmp_path, replace(PRESETS["tiny"], write_images=False))
+    digest = hashlib.sha256()
+    for frame in _frames(ds.root).values():
+        digest.update(frame.write_ndjson().encode())
+    assert digest.hexdigest() == "3b005d3f5eab14592524d0200a4f873e5f620ce4b0a41c2d6dc8ab377cd2b8d2"
+
+
+@pytest.fixture(scope="module")
+def crossed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pl.DataFrame]:
+    """The conjunction preset as shipped (1000 items, 600 users), without PNGs."""
+    ds = generate(tmp_path_factory.mktemp("crossed"), replace(PRESETS["conjunction"], write_images=False))
+    return _frames(ds.root)
+
+
+def test_crossed_users_hold_two_conjunctions_on_one_trait_pair(crossed: dict[str, pl.DataFrame]) -> None:
+    prefs = crossed["preferences"]
+    per_user = prefs.group_by("user_id").agg(
+        pl.len(), pl.col("trait_a", "trait_b").n_unique(), pl.col("value_a", "value_b").n_unique())
+    assert len(per_user) == PRESETS["conjunction"].n_users
+    assert (per_user["len"] == 2).all()
+    assert (per_user["trait_a"] == 1).all() and (per_user["trait_b"] == 1).all()
+    assert (per_user["value_a"] == 2).all() and (per_user["value_b"] == 2).all()  # red+leather, blue+cotton
+    assert set(prefs["trait_a"]) == {"colour", "pattern", "shape"}  # never category, which the title states
+    assert set(prefs["trait_b"]) == {"brand", "material", "price_band"}
+    shown = crossed["traits"].unpivot(index="item_id", on=list(TRAIT_KINDS), variable_name="trait")
+    pairs = shown.join(shown, on="item_id", suffix="_b").group_by(
+        trait_a="trait", value_a="value", trait_b="trait_b", value_b="value_b").agg(matching=pl.len())
+    support = prefs.join(pairs, on=["trait_a", "value_a", "trait_b", "value_b"], how="left")
+    assert support["matching"].null_count() == 0 and (support["n_items"] == support["matching"]).all()
+    assert support["n_items"].min() >= 3
+
+
+def test_crossed_events_are_close_in_time_and_mostly_on_conjunctions(crossed: dict[str, pl.DataFrame],
+                                                                     ) -> None:
+    config = PRESETS["conjunction"]
+    events = pl.concat([crossed["interactions"], crossed["interactions_holdout"]])
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    assert events["ts"].min() >= start and events["ts"].max() < start + timedelta(days=config.event_days)
+    shown = crossed["traits"].unpivot(index="item_id", on=list(TRAIT_KINDS), variable_name="trait")
+    key = ["item_id", "trait", "value"]
+    on_conjunction = (events.with_row_index("row").join(crossed["preferences"], on="user_id")
+                      .join(shown, left_on=["item_id", "trait_a", "value_a"], right_on=key)
+                      .join(shown, left_on=["item_id", "trait_b", "value_b"], right_on=key)["row"].n_unique())
+    # popular picks satisfy a conjunction now and then by chance, so the share lands a little above
+    assert on_conjunction / len(events) == pytest.approx(config.preference_share, abs=0.02)
+
+
+def test_crossed_mode_keeps_cold_items_and_missing_modalities(crossed: dict[str, pl.DataFrame]) -> None:
+    traits = crossed["traits"]
+    assert traits["is_cold"].mean() == pytest.approx(0.1)
+    assert (~traits["has_image"]).mean() == pytest.approx(0.1)
+    assert (~traits["has_text"]).mean() == pytest.approx(0.1)
+    assert not (~traits["has_image"] & ~traits["has_text"]).any()
+    cold = set(traits.filter("is_cold")["item_id"])
+    assert not set(crossed["interactions"]["item_id"]) & cold
+    assert set(crossed["interactions_holdout"]["item_id"]) <= cold
+
+
+def test_crossed_mode_is_deterministic(tmp_path: Path) -> None:
+    config = replace(PRESETS["conjunction-tiny"], write_images=False)
+    a, b = generate(tmp_path / "a", config), generate(tmp_path / "b", config)
+    for name, frame in _frames(a.root).items():
+        assert frame.equals(_frames(b.root)[name]), name
+    other = generate(tmp_path / "c", replace(config, seed=3))
+    assert not _frames(other.root)["preferences"].equals(_frames(a.root)["preferences"])
