@@ -91,15 +91,14 @@ class EncoderConfig:
                              f"moe_every={self.moe_every} positive")
         if self.moe_routing not in ("learned", "grouped"):
             raise ValueError(f"moe_routing={self.moe_routing!r} must be 'learned' or 'grouped'")
+        if self.moe_experts < 0:
+            raise ValueError(f"moe_experts={self.moe_experts} must be >= 0 (0: dense FFN)")
         if self.moe_routing == "grouped" and self.moe_experts % 2:
             raise ValueError(f"moe_experts={self.moe_experts} must be even with moe_routing='grouped'")
         group = self.moe_experts // 2 if self.moe_routing == "grouped" else self.moe_experts
         if self.moe_experts and not 1 <= self.moe_top_k <= group:
             raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, {group}] "
                              f"(moe_experts={self.moe_experts}, moe_routing={self.moe_routing!r})")
-        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
-            raise ValueError(
-                f"moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}] when experts are on")
 
     def _check_pretrained(self) -> None:
         """The frozen parts fix the vocabulary, the text length limit and the image geometry."""

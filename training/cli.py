@@ -83,7 +83,10 @@ def train_command(
     config: Annotated[str, typer.Option(envvar="ONETOWER_TRAIN_CONFIG",
                                         help="Training YAML file, or a bundled name: demo, tiny, gpu.")] = "demo",
     max_steps: Annotated[int | None, typer.Option(min=1, help="Override the config's max_steps.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="Override the encoder size: tiny, demo, small, base.")]
+    encoder: Annotated[str | None, typer.Option(
+        help="Override the encoder size: tiny, demo, small, base (trained from scratch), or pretrained: frozen "
+             "MiniLM and EfficientNet-Lite0 tokens under a trained fusion transformer (the baselines extra; "
+             "their features are extracted once into OUT/feature-cache).")]
     = None,
     out: Annotated[Path, typer.Option(envvar="ONETOWER_RUNS", help="Checkpoints and the saved encoder.")]
     = Path("runs"),
@@ -121,6 +124,8 @@ def train_command(
 
     [cyan]onetower train --catalog c.parquet --interactions i.parquet --stages 1,2,3[/]  (the full curriculum)
 
+    [cyan]onetower train --catalog c.parquet --interactions i.parquet --encoder pretrained[/]  (pretrained parts)
+
     [cyan]onetower train --catalog c.parquet --interactions i.parquet --trainer.devices 2 --trainer.accelerator cpu[/]
     (2 DDP processes; only rank 0 saves and registers)
 
@@ -133,6 +138,10 @@ def train_command(
                                                 strategy=strategy, precision=precision)
     except (OSError, ValueError, TypeError) as e:
         raise _bad("--config", e) from e
+    wanted = tuple(int(x) for x in stages.split(",") if x.strip())
+    if cfg.encoder_config().pretrained and wanted != (3,):
+        raise _bad("--stages", ValueError(f"stages {stages}: stages 1-2 pretrain an encoder from scratch; the "
+                                          "pretrained encoder starts from pretrained parts, so it trains stage 3 only"))
     if cfg.devices * cfg.num_nodes > 1 and cfg.strategy == "auto":
         # DDP; Lightning relaunches this command once per extra local process. Stage 1 never uses the
         # encoder's output head (it trains on hidden states), so DDP must look for unused parameters.
@@ -144,7 +153,6 @@ def train_command(
     from training.fitting.train import describe_training, train
 
     try:
-        wanted = tuple(int(x) for x in stages.split(",") if x.strip())
         if wanted == (3,):
             result = train(catalog.resolve(), interactions.resolve(), out.resolve(), cfg, progress_bar=True)
         else:

@@ -16,7 +16,7 @@ from training.data.catalog import read_interactions
 from training.data.features import count_pairs
 from training.data.synthetic import PRESETS, generate
 from training.evaluation.metrics import DEFAULT_KS
-from training.evaluation.run import MODELS, EvalData, run_evaluation
+from training.evaluation.run import MODELS, EvalData, Recipe, run_evaluation
 from training.fitting.config import data_budget, load_train_config
 from training.lifecycle.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote, rollback
 from training.lifecycle.register import DEFAULT_ALIAS, MODEL_NAME, ensure_experiment, tag_evaluation
@@ -49,6 +49,10 @@ def evaluate(
     max_steps: Annotated[int | None, typer.Option(help="Training steps for every trained model.")] = None,
     models: Annotated[str, typer.Option(help=f"Comma-separated, among {','.join(MODELS)}.")] = ",".join(MODELS),
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds; metrics average over them.")] = "0",
+    curriculum: Annotated[bool, typer.Option(
+        help="Train the from-scratch native encoder through the curriculum (stages 1 and 2 before 3).")] = False,
+    moe: Annotated[int, typer.Option(min=0, help="Routed experts per block for native and native_pretrained "
+                                             "(a modality-aware mixture of experts); 0: dense.")] = 0,
     register_version: Annotated[str | None, typer.Option(
         help="Tag this registered version with the native model's metrics (used by promote).")] = None,
     tracking_uri: TrackingOpt = None,
@@ -92,7 +96,7 @@ def evaluate(
         raise typer.BadParameter("give --preset, --data, or --catalog with --interactions")
     result = run_evaluation(source, out, train_config, models=[m for m in models.split(",") if m],
                             seeds=[int(s) for s in seeds.split(",")], ks=DEFAULT_KS, holdout_items=holdout_items,
-                            preset=preset, progress_bar=True)
+                            preset=preset, progress_bar=True, recipe=Recipe(curriculum=curriculum, moe_experts=moe))
     log_evaluation(result, out, train_config.experiment)
     table = Table(title=f"cold-start evaluation ({result.get('n_users', '?')} users)")
     for col in ("model", "recall@20", "95% CI", "ndcg@20"):

@@ -106,7 +106,7 @@ def embed_catalog(encoder_dir: Path, items: Sequence[Item], modalities: str = "b
 def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, models: Sequence[str] = MODELS,
                    seeds: Sequence[int] = (0,), ks: Sequence[int] = DEFAULT_KS, n_bootstrap: int = 200,
                    holdout_items: float | None = None, preset: str | None = None, device: str = "cpu",
-                   progress_bar: bool = False) -> dict[str, Any]:
+                   progress_bar: bool = False, recipe: Recipe | None = None) -> dict[str, Any]:
     """Train what `models` need, embed the catalog, score the cold-start protocol; write metrics, report, plots.
 
     Every trained model (native, text_only, image_only, stitched) is `train` with `config` (same data and
@@ -119,6 +119,7 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
         holdout_items: hold out this fraction of the interacted items as cold (for data without a
             holdout file); the split goes to `out_dir/split/`.
         seeds: one training (and random-baseline) seed per run; per-user metrics are averaged over seeds.
+        recipe: how the native encoders train (curriculum, mixture of experts); default stage 3, dense.
 
     Returns:
         What `out_dir/metrics.json` holds: {"preset", "seeds", "ks", "models": {name: {"recall@20",
@@ -135,8 +136,11 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
     split = _train_holdout(data, out_dir, holdout_items, seeds[0])
     items = list(iter_items(read_catalog(data.catalog), data.catalog.parent))
     groups = preference_groups(pl.read_parquet(data.preferences)) if data.preferences is not None else None
-    runs, info, native = _score_models(data, split, items, out_dir, config, models, seeds, ks, device, progress_bar)
+    recipe = recipe or Recipe()
+    runs, info, native = _score_models(data, split, items, out_dir, config, models, seeds, ks, device, progress_bar,
+                                       recipe)
     metrics = _summary(runs, info, groups, items, split, config, seeds, ks, n_bootstrap, preset)
+    metrics["recipe"] = asdict(recipe)
     metrics["oracles"] = _oracles(data, items, split, ks, n_bootstrap, seeds[0], groups)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     train_ids = set(split.train["item_id"].cast(pl.String).to_list())
@@ -144,6 +148,25 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
     metrics["files"] = [str(p) for p in write_report(metrics, out_dir, native, items, _item_labels(data, items),
                                                      [it.item_id for it in items if it.item_id in cold])]
     return metrics
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the native encoders train, for measuring what the seeds' other parts are worth.
+
+    `curriculum`: the from-scratch native encoder runs stages 1 and 2 (masked tokens and patches; image-text
+    alignment) before stage 3, each stage `config.steps_for` steps (the pretrained one starts pretrained).
+    `moe_experts` > 0: native and native_pretrained get a modality-aware mixture of experts in every block.
+    """
+
+    curriculum: bool = False
+    moe_experts: int = 0
+
+    def apply(self, model: str, config: TrainConfig) -> TrainConfig:
+        """`config` for `model` under this recipe."""
+        if self.moe_experts and model in ("native", "native_pretrained"):
+            return config.replace(encoder_overrides={**config.encoder_overrides, "moe_experts": self.moe_experts})
+        return config
 
 
 @dataclass(frozen=True)
@@ -156,8 +179,8 @@ class _Split:
 
 
 def _score_models(data: EvalData, split: _Split, items: Sequence[Item], out_dir: Path, config: TrainConfig,
-                  models: Sequence[str], seeds: Sequence[int], ks: Sequence[int], device: str, progress_bar: bool
-                  ) -> tuple[dict[str, list[UserMetrics]], dict[str, dict[str, Any]], np.ndarray | None]:
+                  models: Sequence[str], seeds: Sequence[int], ks: Sequence[int], device: str, progress_bar: bool,
+                  recipe: Recipe) -> tuple[dict[str, list[UserMetrics]], dict[str, dict[str, Any]], np.ndarray | None]:
     """Per-user metrics of every model and seed; facts about each model (seconds, parameters, or skipped);
     the native model's first vectors (for the plots)."""
     item_ids = [it.item_id for it in items]
@@ -171,7 +194,8 @@ def _score_models(data: EvalData, split: _Split, items: Sequence[Item], out_dir:
             started = time.perf_counter()
             try:
                 vectors, extra = _model_vectors(name, seed, data.catalog, split.train_path, split.train, items,
-                                                out_dir, config, device, progress_bar)
+                                                out_dir, recipe.apply(name, config), device, progress_bar,
+                                                recipe.curriculum and name == "native")
             except (BaselineUnavailable, PretrainedUnavailable) as e:
                 logger.warning("%s skipped: %s", name, e)
                 info[name] = {"skipped": str(e)}
@@ -245,15 +269,18 @@ def _train_holdout(data: EvalData, out_dir: Path, holdout_items: float | None, s
 
 def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_frame: pl.DataFrame,
                    items: Sequence[Item], out_dir: Path, config: TrainConfig, device: str,
-                   progress_bar: bool) -> tuple[np.ndarray, dict[str, Any]]:
+                   progress_bar: bool, curriculum: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Item vectors of one model (trained and embedded, or a baseline's) and facts about it (parameters)."""
     if name in TRAINED:
         modalities, architecture = TRAINED[name]
         cfg = config.replace(seed=seed, modalities=modalities,
                              encoder_overrides={**config.encoder_overrides, "architecture": architecture})
-        from training.fitting.train import train  # Lightning: only when a model is trained
+        from training.fitting.curriculum import run_stages  # Lightning: only when a model is trained
+        from training.fitting.train import train
 
-        result = train(catalog, train_path, out_dir / "models" / f"{name}-seed{seed}", cfg, progress_bar)
+        model_dir = out_dir / "models" / f"{name}-seed{seed}"
+        result = (run_stages(catalog, train_path, model_dir, cfg, progress_bar=progress_bar) if curriculum
+                  else train(catalog, train_path, model_dir, cfg, progress_bar))
         encoder = load_encoder(result.encoder_dir)
         n_params = sum(p.numel() for p in encoder.model.parameters())
         return embed_catalog(result.encoder_dir, items, modalities, device), {"parameters": n_params}
@@ -278,7 +305,8 @@ def _trained_pretrained_vectors(name: str, seed: int, catalog: Path, train_path:
     """
     from training.fitting.train import train  # Lightning: only when a model is trained
 
-    overrides = {**PRETRAINED_TRAINED[name], "embed_dim": config.encoder_config().embed_dim}
+    kept = {k: v for k, v in config.encoder_overrides.items() if k == "moe_experts"}  # a Recipe's MoE
+    overrides = {**PRETRAINED_TRAINED[name], "embed_dim": config.encoder_config().embed_dim, **kept}
     cfg = config.replace(seed=seed, encoder="pretrained", encoder_overrides=overrides)
     cache = out_dir / "feature-cache"
     result = train(catalog, train_path, out_dir / "models" / f"{name}-seed{seed}", cfg, progress_bar, cache)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class FeatureCache:
         self.folder = folder / feature_key(model)
         self.encoder = ItemEncoder(model, tokenizer, batch_size=batch_size)  # featurize + collate, as served
         self.hits = self.misses = 0
+        self.seconds = 0.0  # spent reading and extracting
 
     def path(self, item: Item) -> Path:
         digest = item.content_hash()
@@ -64,6 +66,7 @@ class FeatureCache:
     def features(self, items: Sequence[Item], progress: Callable[[int], None] | None = None
                  ) -> list[PretrainedFeatures | None]:
         """Each item's features (None for an item the encoder refuses), extracting only what is not cached."""
+        started = time.perf_counter()
         out: list[PretrainedFeatures | None] = [None] * len(items)
         todo = []
         for i, item in enumerate(items):
@@ -82,8 +85,9 @@ class FeatureCache:
             if progress is not None:
                 progress(len(rows))
         self.misses += len(todo)
-        logger.info("pretrained features: %d items from the cache in %s, %d extracted", len(items) - len(todo),
-                    self.folder, len(todo))
+        self.seconds += time.perf_counter() - started
+        logger.info("pretrained features: %d items from the cache in %s, %d extracted, in %.1fs",
+                    len(items) - len(todo), self.folder, len(todo), time.perf_counter() - started)
         return out
 
     @torch.inference_mode()
