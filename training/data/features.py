@@ -116,7 +116,7 @@ def co_engagement_pairs(interactions: pl.DataFrame, row_of: dict[str, int], wind
 def count_pairs(interactions: pl.DataFrame, window: int) -> int:
     """How many pairs `co_engagement_pairs` would make (both orders, before dropping repeats of one item):
     per user with n events, 2 x sum over offsets 1..window of max(0, n - offset)."""
-    sizes = interactions.group_by("user_id").len()["len"].to_numpy()
+    sizes = interactions.group_by("user_id").len()["len"].to_numpy().astype(np.int64)  # u32: n - offset may go below 0
     return int(sum(2 * np.clip(sizes - offset, 0, None).sum() for offset in range(1, window + 1)))
 
 

@@ -280,3 +280,56 @@ def test_user_data_without_holdout_is_split_by_items(tmp_path: Path) -> None:
     assert metrics["seeds"] == [0, 1] and "seed_std" in metrics["models"]["random"]
     assert metrics["models"]["popularity"]["recall@10"] == 0.0 and "groups" not in metrics["models"]["random"]
     assert (tmp_path / "eval" / "recall_at_k.png").is_file() and not (tmp_path / "eval" / "embeddings_pca.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kept", "cannot_apply"), [("text", "image_only"), ("image", "text_only")])
+def test_own_catalog_with_one_modality_skips_the_model_that_cannot_apply(
+        tmp_path: Path, kept: str, cannot_apply: str) -> None:
+    """A real catalog with text only (or images only), through the command a user runs: the unimodal model
+    of the missing modality is skipped with its reason and every other model keeps its numbers."""
+    from typer.testing import CliRunner
+
+    from onetower.cli import app
+
+    ds = generate(tmp_path / "synth", SynthConfig(n_items=120, n_users=60, image_size=32, seed=5))
+    catalog = pl.read_parquet(ds.catalog)
+    catalog = (catalog.drop("image_paths") if kept == "text" else
+               catalog.with_columns(title=pl.lit(""), description=pl.lit(None, pl.String),
+                                    attributes=pl.lit(None, pl.String)))
+    catalog.write_parquet(ds.root / "own.parquet")  # beside images/, which image_paths are relative to
+    events = pl.concat([pl.read_parquet(ds.interactions), pl.read_parquet(ds.holdout_interactions)])
+    events.write_parquet(tmp_path / "events.parquet")
+    out, uri = tmp_path / "eval", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri()
+    try:
+        result = CliRunner().invoke(app, [
+            "evaluate", "--catalog", str(ds.root / "own.parquet"), "--interactions", str(tmp_path / "events.parquet"),
+            "--holdout-items", "0.1", "--out", str(out), "--max-steps", "3", "--tracking-uri", uri,
+            "--models", "native,native_pretrained,text_only,image_only,popularity"])
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert result.exit_code == 0, result.output
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    assert models[cannot_apply]["skipped"].startswith("cannot apply to this data")
+    for name in {"native", "native_pretrained", "text_only", "image_only"} - {cannot_apply}:
+        assert 0 <= models[name]["recall@20"] <= 1, (name, models[name])
+    oracles = json.loads((out / "metrics.json").read_text())["oracles"]
+    assert oracles["additive"] == {"skipped": "the catalog has no true traits (traits.parquet): only synthetic "
+                                              "data does"}
+
+
+def test_own_data_gets_a_training_budget_sized_from_its_pairs() -> None:
+    from training.data.features import count_pairs
+    from training.fitting.config import data_budget
+
+    frame = pl.DataFrame({"user_id": ["u"] * 5 + ["v"] * 2 + ["w"], "item_id": list("abcdeabx")})
+    # u: 5 events, offsets 1..4 give 4+3+2+1 = 10 ordered neighbours; v: 1; w: 0; both orders
+    assert count_pairs(frame, window=4) == 2 * (10 + 1)
+    assert count_pairs(frame, window=1) == 2 * (4 + 1)
+    budget = data_budget(pairs=100_000, batch_size=128)
+    assert budget.steps == 2344 and "3 epochs of 100000" in budget.describe()
+    assert data_budget(pairs=500, batch_size=128).steps == 100  # the floor
+    assert data_budget(pairs=10_000_000, batch_size=128).steps == 3000  # the cap
+    with pytest.raises(ValueError, match="pairs=0"):
+        data_budget(pairs=0, batch_size=128)
