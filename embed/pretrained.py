@@ -79,13 +79,35 @@ def grid_positions(pos: torch.Tensor, tokens: int) -> torch.Tensor:
     return pos.flatten(2).transpose(1, 2)[0]
 
 
-class PretrainedNativeEncoder(nn.Module):
+class PretrainedHalves(nn.Module):
+    """The split every pretrained architecture shares: `extract` (the frozen backbones, cached by training)
+    then `fuse` (the trainable part); `forward` and `hidden_states` run both halves."""
+
+    backbone: FrozenBackbones
+
+    def extract(self, batch: EncoderInput) -> PretrainedFeatures:
+        """The frozen backbones' features (the part training caches per item)."""
+        return self.backbone(batch)
+
+    def fuse(self, features: PretrainedFeatures) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fused_states(self, features: PretrainedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: EncoderInput) -> torch.Tensor:
+        return self.fuse(self.extract(batch))
+
+    def hidden_states(self, batch: EncoderInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable part's final states (B, S, D) and keep-mask (B, S) for a collated batch."""
+        return self.fused_states(self.extract(batch))
+
+
+class PretrainedNativeEncoder(PretrainedHalves):
     """Frozen pretrained tokens of both modalities, one trainable fusion transformer over all of them."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        if config.pool == "modality":
-            raise ValueError("pool='modality' is not supported by native_pretrained; use 'mean' or 'cls'")
         self.config = config
         d, g = config.width, config.feature_grid
         self.text_proj = TokenProjector(TEXT_DIM, d)
@@ -99,28 +121,20 @@ class PretrainedNativeEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, config.heads, config.mlp_ratio, config.dropout, _moe(config, i)) for i in range(config.depth))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, config.embed_dim)
+        # pool="modality": the text positions' mean and the grid positions' mean side by side (zero for a
+        # missing modality), after attending across both, so neither modality's token count drowns the other
+        self.head = nn.Linear(2 * d if config.pool == "modality" else d, config.embed_dim)
         self.out_norm = nn.BatchNorm1d(config.embed_dim, affine=False)  # as UnifiedEncoder: no collapse
         self.apply(_init_weights)
         for p in (self.text_pos, self.grid_pos, self.query):
             nn.init.trunc_normal_(p, std=0.02)
         self.backbone = FrozenBackbones(config)  # after `apply`: its weights come from the pretrained files
 
-    def extract(self, batch: EncoderInput) -> PretrainedFeatures:
-        """The frozen backbones' features (the part training caches per item)."""
-        return self.backbone(batch)
-
     def fuse(self, features: PretrainedFeatures) -> torch.Tensor:
         """Unit item vectors (B, embed_dim) from the features: the trainable part."""
         states, keep = self.fused_states(features)
-        return unit_output(self.head(self.pool(states, keep)), self.out_norm, self.training)
-
-    def forward(self, batch: EncoderInput) -> torch.Tensor:
-        return self.fuse(self.extract(batch))
-
-    def hidden_states(self, batch: EncoderInput) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fusion transformer's final states (B, S, D) and keep-mask (B, S) for a collated batch."""
-        return self.fused_states(self.extract(batch))
+        return unit_output(self.head(self.pool(states, keep, features.text_mask.shape[1])), self.out_norm,
+                           self.training)
 
     def fused_states(self, features: PretrainedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """The fusion transformer's final normalised states (B, S, D) and keep-mask (B, S)."""
@@ -131,11 +145,17 @@ class PretrainedNativeEncoder(nn.Module):
         return self.norm(x), keep
 
     def pool(self, states: torch.Tensor, keep: torch.Tensor, n_text: int | None = None) -> torch.Tensor:
-        """(B, S, D) -> (B, D): the learned query's state ("cls") or the mean over real tokens.
-
-        `n_text` is unused; the signature is the one every encoder's `pool` shares.
-        """
-        return states[:, 0] if self.config.pool == "cls" else _masked_mean(states, keep)
+        """(B, S, D) -> (B, D): the learned query's state ("cls") or the mean over real tokens; with
+        pool="modality" (B, 2D): the mean over the first `n_text` (text) positions next to the mean over the
+        rest (the grid tokens), each zero where the item lacks that modality."""
+        if self.config.pool == "cls":
+            return states[:, 0]
+        if self.config.pool == "modality":
+            if n_text is None:
+                raise ValueError("pool='modality' needs n_text, the number of text positions")
+            text, grid = (states[:, :n_text], keep[:, :n_text]), (states[:, n_text:], keep[:, n_text:])
+            return torch.cat([_masked_mean(*text), _masked_mean(*grid)], dim=-1)  # (B, 2D)
+        return _masked_mean(states, keep)
 
     def sequence(self, f: PretrainedFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Joint input (B, S, D), keep-mask (B, S) and modality ids (B, S); S = [1 query +] T + M*G."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -122,12 +123,13 @@ def tower_width(config: EncoderConfig) -> int:
     closest to the unified encoder's of the same config. Counted on the meta device: no memory, no time."""
     with torch.device("meta"):
         target = count_parameters(UnifiedEncoder(dataclasses.replace(config, moe_experts=0)))
-        best, best_gap = config.heads, None
-        for width in range(config.heads, config.width + 1, config.heads):
-            gap = abs(_stitched_count(config, width) - target)
-            if best_gap is None or gap < best_gap:
-                best, best_gap = width, gap
-    return best
+        return closest_width(config, target, lambda width: _stitched_count(config, width))
+
+
+def closest_width(config: EncoderConfig, target: int, count: Callable[[int], int]) -> int:
+    """The multiple of `config.heads` up to `config.width` whose `count(width)` is closest to `target`
+    (the smallest such width on a tie)."""
+    return min(range(config.heads, config.width + 1, config.heads), key=lambda width: abs(count(width) - target))
 
 
 def _stitched_count(config: EncoderConfig, width: int) -> int:

@@ -21,9 +21,15 @@ from torch import nn
 from embed.backbones import IMAGE_DIM, TEXT_DIM
 from embed.config import EncoderConfig
 from embed.features import PretrainedFeatures
-from embed.model import Block, EncoderInput, _init_weights, _masked_mean, unit_output
-from embed.pretrained import FrozenBackbones, PretrainedNativeEncoder, TokenProjector, grid_positions
-from embed.stitched import count_parameters
+from embed.model import Block, _init_weights, _masked_mean, unit_output
+from embed.pretrained import (
+    FrozenBackbones,
+    PretrainedHalves,
+    PretrainedNativeEncoder,
+    TokenProjector,
+    grid_positions,
+)
+from embed.stitched import closest_width, count_parameters
 
 
 class _Tower(nn.Module):
@@ -63,7 +69,7 @@ class _Tower(nn.Module):
         return states[:, 0] * keep[:, :1] if self.cls else _masked_mean(states, keep)
 
 
-class StitchedTwinEncoder(nn.Module):
+class StitchedTwinEncoder(PretrainedHalves):
     """Separate text and image towers over the frozen pretrained features; pooled, concatenated, head."""
 
     def __init__(self, config: EncoderConfig, width: int | None = None) -> None:
@@ -86,22 +92,11 @@ class StitchedTwinEncoder(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         self.backbone = FrozenBackbones(config)  # after `apply`: its weights come from the pretrained files
 
-    def extract(self, batch: EncoderInput) -> PretrainedFeatures:
-        """The frozen backbones' features (the part training caches per item)."""
-        return self.backbone(batch)
-
     def fuse(self, features: PretrainedFeatures) -> torch.Tensor:
         """Unit item vectors (B, embed_dim): head(concat(pooled text tower, pooled image tower))."""
         states, keep = self.fused_states(features)
         pooled = self.pool(states, keep, features.text_mask.shape[1])
         return unit_output(self.head(self.head_hidden(pooled)), self.out_norm, self.training)
-
-    def forward(self, batch: EncoderInput) -> torch.Tensor:
-        return self.fuse(self.extract(batch))
-
-    def hidden_states(self, batch: EncoderInput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers' final states side by side (B, S, W) and the keep-mask (B, S) for a collated batch."""
-        return self.fused_states(self.extract(batch))
 
     def fused_states(self, f: PretrainedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tower states then image tower states, (B, S, W) with S = T + M*G (+2 with pool="cls")."""
@@ -146,12 +141,7 @@ def twin_width(config: EncoderConfig) -> int:
     native = dataclasses.replace(config, architecture="native_pretrained", moe_experts=0, unfreeze_text=False)
     with torch.device("meta"):
         target = trainable_parameters(PretrainedNativeEncoder(native))
-        best, best_gap = config.heads, None
-        for width in range(config.heads, config.width + 1, config.heads):
-            gap = abs(_twin_count(config, width) - target)
-            if best_gap is None or gap < best_gap:
-                best, best_gap = width, gap
-    return best
+        return closest_width(config, target, lambda width: _twin_count(config, width))
 
 
 def _twin_count(config: EncoderConfig, width: int) -> int:

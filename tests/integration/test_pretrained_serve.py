@@ -37,6 +37,7 @@ def _png(rgb: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.usefixtures("baselines_extra")
 def test_pretrained_encoder_trains_registers_reindexes_serves_and_embeds_as_pyfunc(tmp_path: Path) -> None:
     data = generate(tmp_path / "data", SynthConfig(n_items=80, n_users=40, image_size=32, seed=3,
                                                    preferences="crossed", preference_share=0.95, event_days=3))

