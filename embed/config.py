@@ -167,9 +167,12 @@ PRESETS: dict[str, EncoderConfig] = {
                           vocab_size=30522, max_text_tokens=64, max_images=4),
     # frozen MiniLM + EfficientNet-Lite0 at 160 px (a 5x5 grid: 2-2.5x the items/s of 224 px on a CPU) under a
     # narrow trainable fusion transformer; `architecture="stitched_twin"` gives its late-fusion rival
-    # (width 96: 1.4x the training items/s of 128 on 2 CPU cores, so the conjunction evaluation fits 45 minutes)
+    # (width 96: 1.4x the training items/s of 128 on 2 CPU cores, so the conjunction evaluation fits 45 minutes;
+    # pool "cls": a learned query token read out after fusion, ahead of mean pooling on two training seeds of
+    # the conjunction preset, docs/EVALUATION.md)
     "pretrained": EncoderConfig(architecture="native_pretrained", image_size=160, patch_size=160, max_images=2,
-                                vocab_size=30522, max_text_tokens=64, width=96, depth=2, heads=4, embed_dim=256),
+                                vocab_size=30522, max_text_tokens=64, width=96, depth=2, heads=4, embed_dim=256,
+                                pool="cls"),
 }
 
 

@@ -60,7 +60,7 @@ PRETRAINED_TRAINED: dict[str, dict[str, Any]] = {
     "native_pretrained": {"architecture": "native_pretrained"},
     "stitched_twin": {"architecture": "stitched_twin", "twin_head": "linear"},
     "stitched_twin_mlp": {"architecture": "stitched_twin", "twin_head": "mlp"},
-    "stitched_pretrained_adapter": {"architecture": "stitched_twin", "twin_head": "linear", "depth": 0},
+    "stitched_pretrained_adapter": {"architecture": "stitched_twin", "twin_head": "linear", "depth": 0, "pool": "mean"},
 }
 
 
