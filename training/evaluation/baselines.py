@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,3 +130,21 @@ class PretrainedStitchedEncoder:
 def _mean(part: np.ndarray, default: np.ndarray) -> np.ndarray:
     present = np.isfinite(part).all(axis=1)
     return part[present].mean(axis=0) if present.any() else default
+
+
+# one embedding pass serves every seed of an evaluation: the model is frozen
+_FROZEN: dict[tuple[str, ...], tuple[np.ndarray, dict[str, Any]]] = {}
+
+
+def frozen_baseline_vectors(items: Sequence[Item], device: str = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+    """`PretrainedStitchedEncoder` vectors of `items` (centred on them) and facts about it, computed once per
+    item set."""
+    key = tuple(it.content_hash() for it in items)
+    if key not in _FROZEN:
+        encoder = PretrainedStitchedEncoder(device=device)
+        n_params = (sum(p.numel() for p in encoder.image.model.parameters())
+                    + sum(p.numel() for p in encoder.text.model.parameters()))
+        _FROZEN.clear()
+        _FROZEN[key] = (encoder.fit_encode(items),
+                        {"parameters": n_params, "fusion": "concat of centred, L2-normalised parts"})
+    return _FROZEN[key]

