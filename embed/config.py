@@ -9,7 +9,7 @@ from typing import Any
 
 ARCHITECTURES = ("unified", "stitched", "native_pretrained", "stitched_twin")
 PRETRAINED = ("native_pretrained", "stitched_twin")  # over frozen MiniLM + EfficientNet-Lite0 features
-LATER_DEFAULTS: dict[str, Any] = {"twin_head": "linear", "unfreeze_text": False}  # see `to_json`
+LATER_DEFAULTS: dict[str, Any] = {"twin_head": "linear", "unfreeze_text": False, "adapter_path": False}  # see `to_json`
 # What the frozen parts fix (embed/backbones.py); here so that this module stays free of torch.
 MINILM_VOCAB, MINILM_POSITIONS = 30522, 512
 IMAGE_STRIDE = 32  # EfficientNet-Lite0's total downsampling: its feature grid is image_size / 32 per side
@@ -61,6 +61,9 @@ class EncoderConfig:
     twin_head: str = "linear"
     # pretrained architectures: train MiniLM's layers too (on a GPU); False keeps both backbones frozen
     unfreeze_text: bool = False
+    # native_pretrained: also a linear path from the mean-pooled frozen features (as the adapter baseline)
+    # to the output, the fusion transformer's head starting at zero, so early fusion adds to it
+    adapter_path: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -81,8 +84,8 @@ class EncoderConfig:
             raise ValueError(f"twin_head={self.twin_head!r} must be 'linear' or 'mlp'")
         if self.pretrained:
             self._check_pretrained()
-        elif self.unfreeze_text:
-            raise ValueError(f"unfreeze_text=True needs a pretrained architecture {list(PRETRAINED)}, "
+        elif self.unfreeze_text or self.adapter_path:
+            raise ValueError(f"unfreeze_text / adapter_path need a pretrained architecture {list(PRETRAINED)}, "
                              f"not {self.architecture!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")

@@ -125,7 +125,13 @@ class PretrainedNativeEncoder(PretrainedHalves):
         # missing modality), after attending across both, so neither modality's token count drowns the other
         self.head = nn.Linear(2 * d if config.pool == "modality" else d, config.embed_dim)
         self.out_norm = nn.BatchNorm1d(config.embed_dim, affine=False)  # as UnifiedEncoder: no collapse
+        # adapter_path: the adapter baseline's linear map of the pooled frozen features, beside the fusion
+        self.adapter = (nn.ModuleList([TokenProjector(TEXT_DIM, config.embed_dim),
+                                       TokenProjector(IMAGE_DIM, config.embed_dim)]) if config.adapter_path else None)
         self.apply(_init_weights)
+        if self.adapter is not None:  # start as the adapter: the fusion's contribution grows from zero
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         for p in (self.text_pos, self.grid_pos, self.query):
             nn.init.trunc_normal_(p, std=0.02)
         self.backbone = FrozenBackbones(config)  # after `apply`: its weights come from the pretrained files
@@ -133,8 +139,13 @@ class PretrainedNativeEncoder(PretrainedHalves):
     def fuse(self, features: PretrainedFeatures) -> torch.Tensor:
         """Unit item vectors (B, embed_dim) from the features: the trainable part."""
         states, keep = self.fused_states(features)
-        return unit_output(self.head(self.pool(states, keep, features.text_mask.shape[1])), self.out_norm,
-                           self.training)
+        out = self.head(self.pool(states, keep, features.text_mask.shape[1]))  # (B, embed_dim)
+        if self.adapter is not None:
+            text = _masked_mean(self.adapter[0](features.text_states), features.text_mask)
+            grid = features.image_mask[:, :, None].expand(-1, -1, features.grid_tokens).flatten(1)
+            image = _masked_mean(self.adapter[1](features.image_tokens.flatten(1, 2)), grid)
+            out = out + text + image  # zero for a missing modality, as the adapter's concat
+        return unit_output(out, self.out_norm, self.training)
 
     def fused_states(self, features: PretrainedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """The fusion transformer's final normalised states (B, S, D) and keep-mask (B, S)."""

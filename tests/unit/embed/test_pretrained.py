@@ -249,3 +249,21 @@ def test_modality_pooling_keeps_the_text_and_grid_means_apart_after_fusion() -> 
         assert bool(pooled[i, d:].abs().sum() > 0) == bool(features.image_mask[i].any())
     with pytest.raises(ValueError, match="n_text"):
         model.pool(states, keep)
+
+
+def test_adapter_path_starts_as_the_linear_adapter_and_the_fusion_adds_to_it() -> None:
+    torch.manual_seed(0)
+    model = build_encoder(dataclasses.replace(SMALL, adapter_path=True)).eval()
+    batch = _batch()
+    with torch.inference_mode():
+        features = model.extract(batch)
+        before = model.fuse(features)
+        for block in model.blocks:  # at init the fusion's head is zero: its transformer cannot move the output
+            for p in block.parameters():
+                p.add_(torch.randn_like(p))
+        assert torch.allclose(model.fuse(features), before, atol=1e-6)
+        model.head.weight.normal_()  # once the head has learnt something, the fusion counts
+        assert not torch.allclose(model.fuse(features), before, atol=1e-3)
+    assert "adapter_path" in model.config.to_json() and "adapter_path" not in SMALL.to_json()
+    with pytest.raises(ValueError, match="adapter_path"):
+        preset("tiny", adapter_path=True)
