@@ -85,7 +85,8 @@ class EncoderConfig:
         if self.pretrained:
             self._check_pretrained()
         elif self.unfreeze_text or self.adapter_path:
-            raise ValueError(f"unfreeze_text / adapter_path need a pretrained architecture {list(PRETRAINED)}, "
+            flag = "unfreeze_text" if self.unfreeze_text else "adapter_path"
+            raise ValueError(f"{flag}=True needs a pretrained architecture {list(PRETRAINED)}, "
                              f"not {self.architecture!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
