@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from embed.build import PretrainedEncoder, build_pretrained
@@ -70,10 +72,9 @@ class FeatureCache:
         out: list[PretrainedFeatures | None] = [None] * len(items)
         todo = []
         for i, item in enumerate(items):
-            path = self.path(item)
-            if path.is_file():
-                tensors = load_file(str(path))
-                out[i] = PretrainedFeatures(*(tensors[name] for name in TENSORS))
+            cached = self._read(self.path(item))
+            if cached is not None:
+                out[i] = cached
                 self.hits += 1
             else:
                 todo.append(i)
@@ -90,6 +91,18 @@ class FeatureCache:
                     len(items) - len(todo), self.folder, len(todo), time.perf_counter() - started)
         return out
 
+    @staticmethod
+    def _read(path: Path) -> PretrainedFeatures | None:
+        """The features in `path`, or None when absent or unreadable (extracted again, then replaced)."""
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            return PretrainedFeatures(*(tensors[name] for name in TENSORS))
+        except (SafetensorError, KeyError) as e:
+            logger.warning("extracting again: %s is unreadable (%s)", path, e)
+            return None
+
     @torch.inference_mode()
     def _extract(self, items: Sequence[Item]) -> list[PretrainedFeatures | None]:
         featurized, errors = featurize_items(self.encoder, items)  # refused items are logged and left out
@@ -102,7 +115,9 @@ class FeatureCache:
             feats = next(per_item)
             path = self.path(item)
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({name: getattr(feats, name).contiguous() for name in TENSORS}, str(path))
+            partial = path.with_suffix(f".{os.getpid()}.partial")  # a killed run leaves no half-written file
+            save_file({name: getattr(feats, name).contiguous() for name in TENSORS}, str(partial))
+            os.replace(partial, path)
             out.append(feats)
         return out
 

@@ -53,6 +53,17 @@ def test_features_are_extracted_once_then_read_back_and_redone_when_content_chan
     redone = third.features(changed)
     assert (third.hits, third.misses) == (2, 1)
     assert redone[1] is not None and not torch.equal(redone[1].text_states, read[1].text_states)  # type: ignore[union-attr]
+    # a file cut short (a run killed in an older version, a full disk) is extracted again, not fatal
+    damaged = third.path(ITEMS[0])
+    cut = damaged.with_suffix(".cut")
+    cut.write_bytes(damaged.read_bytes()[:100])
+    cut.replace(damaged)  # a new file: earlier reads hold memory maps of the old one
+    fourth = FeatureCache(tmp_path, model, tokenizer)
+    healed = fourth.features(ITEMS[:1])
+    assert (fourth.hits, fourth.misses) == (0, 1) and healed[0] is not None
+    assert torch.equal(healed[0].image_tokens, extracted[0].image_tokens)  # type: ignore[union-attr]
+    assert FeatureCache(tmp_path, model, tokenizer).features(ITEMS[:1])[0] is not None
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_cached_features_give_the_serving_path_vectors_and_refused_items_no_row(
