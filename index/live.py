@@ -35,6 +35,8 @@ EXACT_CHUNK = 16384  # main rows scored per matrix product in an exact filtered 
 # queries, docs/PERFORMANCE.md): batches on a flat index with at most this many tombstones search
 # without the selector, over-fetch by the tombstone count and drop them.
 FLAT_OVERFETCH_MAX = 4096
+REPLAY_CHUNK = 256  # log records read and applied at a time on replay
+FRESH_COMPACT_MIN = 1024  # superseded fresh rows kept before the fresh buffers are rebuilt
 EmbedFn = Callable[[Sequence[LogRecord]], np.ndarray]
 
 
@@ -54,6 +56,11 @@ class _State:
     fresh_alive: np.ndarray  # bool (fresh_count,)
     # item id -> its newest fresh row, copied per state so a reader never meets a row its state lacks
     fresh_row: Mapping[str, int]
+    # per fresh row: item id, attributes, content hash; appended in place (a state reads only its first
+    # fresh_count), replaced by new lists when the fresh rows are compacted
+    fresh_ids: list[str]
+    fresh_attrs: list[dict[str, str]]
+    fresh_hashes: list[str]
 
 
 class LiveIndex:
@@ -76,11 +83,10 @@ class LiveIndex:
         # process-wide, and the same for every LiveIndex of a process: set from measurements (IndexConfig)
         configure_faiss(self.config.threads or SEARCH_THREADS, self.config.blas_min_batch * self.dim)
         self._lock = threading.Lock()
-        self._fresh_ids: list[str] = []
-        self._fresh_attrs: list[dict[str, str]] = []
-        self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool), {})
+        self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool), {},
+                             [], [], [])
         if log is not None and len(log):
-            self._replay(log.records, embed_fn)
+            self._replay(log, embed_fn)
 
     # ---- reading -------------------------------------------------------------------------------
     @property
@@ -211,62 +217,96 @@ class LiveIndex:
                 ok[row] = False
         if attributes_equal:
             for r in np.flatnonzero(ok).tolist():
-                attrs = self._fresh_attrs[r]
+                attrs = s.fresh_attrs[r]
                 if any(attrs.get(key) != value for key, value in attributes_equal.items()):
                     ok[r] = False
         scores = q @ s.fresh_vectors[:n].T  # (Q, n)
         scores[:, ~ok] = -np.inf
         take = min(fetch, n)
         top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-        return [[Hit(self._fresh_ids[r], float(scores[i, r])) for r in row if np.isfinite(scores[i, r])]
+        return [[Hit(s.fresh_ids[r], float(scores[i, r])) for r in row if np.isfinite(scores[i, r])]
                 for i, row in enumerate(top)]
 
     # ---- writing -------------------------------------------------------------------------------
-    def upsert(self, records: Sequence[LogRecord]) -> None:
-        """Durably write upserts (log + fsync), then make them searchable."""
+    def unchanged(self, item_id: str, content_hash: str) -> bool:
+        """Whether `item_id` is live with this content under this model (an upsert of it would change nothing)."""
+        s = self._state
+        row = s.fresh_row.get(item_id)
+        if row is not None and row < s.fresh_count and s.fresh_alive[row]:
+            return bool(content_hash) and s.fresh_hashes[row] == content_hash
+        label = self.main.ids.label(item_id)
+        if label is None or _holds(s.dead, label) or self.main.manifest.model_version != self.model_version:
+            return False
+        return bool(content_hash) and self.main.ids.content_hashes[label] == content_hash
+
+    def upsert(self, records: Sequence[LogRecord]) -> int:
+        """Durably write upserts (log + fsync), then make them searchable; returns how many were written.
+
+        An upsert of an item that is live with the same content hash under this model version is
+        skipped (nothing is logged); after a delete the item is not live, so it is written again.
+        """
         for i, r in enumerate(records):
             if r.op != "upsert" or r.vector is None:
                 raise ValueError(f"records[{i}] must be an upsert with a vector")
             as_matrix(r.vector[None, :], f"records[{i}].vector", self.dim)
         with self._lock:
-            if self.log is not None:
-                self.log.append(records)
-            self._apply(records)
+            changed = [r for r in records if not self.unchanged(r.item_id, r.content_hash)]
+            if changed:
+                self._write(changed)
+        return len(changed)
 
     def delete(self, item_ids: Sequence[str]) -> int:
         """Durably delete items; returns how many were live."""
         with self._lock:  # decided under the writers' lock, so a concurrent upsert cannot hide a live item
             live = [i for i in dict.fromkeys(item_ids) if i in self]
-            if not live:
-                return 0
-            records = [LogRecord(op="delete", item_id=i, model_version=self.model_version) for i in live]
-            if self.log is not None:
-                self.log.append(records)
-            self._apply(records)
+            if live:
+                self._write([LogRecord(op="delete", item_id=i, model_version=self.model_version) for i in live])
         return len(live)
 
-    def _replay(self, records: Sequence[LogRecord], embed_fn: EmbedFn | None) -> None:
-        stale = [r for r in records if r.op == "upsert" and r.model_version != self.model_version]
-        if stale:
-            if embed_fn is None:
-                raise ReembedError(f"{len(stale)} log records were embedded by another model version "
-                                   f"(e.g. {stale[0].model_version!r}, serving {self.model_version!r}) "
-                                   "and no encoder was given to re-embed them")
-            vectors = as_matrix(embed_fn(stale), "re-embedded vectors", self.dim)
-            fixed = {id(r): LogRecord(op=r.op, item_id=r.item_id, model_version=self.model_version,
-                                      vector=v, content=r.content, content_hash=r.content_hash)
-                     for r, v in zip(stale, vectors, strict=True)}
-            records = [fixed.get(id(r), r) for r in records]
-            logger.info("re-embedded %d log records under model version %s", len(stale), self.model_version)
+    def _write(self, records: Sequence[LogRecord]) -> None:
+        """Log (fsync), then apply; caller holds the lock. The log compacts itself in the background."""
+        if self.log is not None:
+            self.log.append(records)
+        self._apply(records)
+        if self.log is not None:
+            self.log.compact_soon()
+
+    def _replay(self, log: WriteLog, embed_fn: EmbedFn | None) -> None:
+        """Apply the newest record of each item in the log; only those are read, a chunk at a time."""
+        newest = {e.item_id: e for e in log.entries}
+        upserts = [e for e in newest.values() if e.op == "upsert"]
+        stale = sum(e.model_version != self.model_version for e in upserts)
+        if stale and embed_fn is None:
+            example = next(e.model_version for e in upserts if e.model_version != self.model_version)
+            raise ReembedError(f"{stale} log records were embedded by another model version "
+                               f"(e.g. {example!r}, serving {self.model_version!r}) "
+                               "and no encoder was given to re-embed them")
         with self._lock:
-            self._apply(records)
-        logger.info("replayed %d live writes: %d items live", len(records), len(self))
+            self._apply([LogRecord(op="delete", item_id=e.item_id) for e in newest.values() if e.op != "upsert"])
+            for start in range(0, len(upserts), REPLAY_CHUNK):
+                self._apply(self._current(list(log.read(upserts[start: start + REPLAY_CHUNK])), embed_fn))
+        if stale:
+            logger.info("re-embedded %d log records under model version %s", stale, self.model_version)
+        logger.info("replayed the newest of %d live writes (%d items): %d items live", len(log), len(newest),
+                    len(self))
+
+    def _current(self, records: Sequence[LogRecord], embed_fn: EmbedFn | None) -> list[LogRecord]:
+        """`records` with those of another model version re-embedded under this one."""
+        stale = [r for r in records if r.model_version != self.model_version]
+        if not stale or embed_fn is None:
+            return list(records)
+        vectors = as_matrix(embed_fn(stale), "re-embedded vectors", self.dim)
+        fixed = {id(r): LogRecord(op=r.op, item_id=r.item_id, model_version=self.model_version,
+                                  vector=v, content=r.content, content_hash=r.content_hash)
+                 for r, v in zip(stale, vectors, strict=True)}
+        return [fixed.get(id(r), r) for r in records]
 
     def _apply(self, records: Sequence[LogRecord]) -> None:
         """Apply records to a new state and publish it with one assignment (caller holds the lock)."""
         s = self._state
         dead = set(s.dead.tolist())
         vectors, count, rows = s.fresh_vectors, s.fresh_count, dict(s.fresh_row)
+        ids, attrs, hashes = s.fresh_ids, s.fresh_attrs, s.fresh_hashes
         alive = np.concatenate([s.fresh_alive, np.zeros(sum(r.op == "upsert" for r in records), bool)])
         for r in records:
             old = rows.get(r.item_id)
@@ -282,12 +322,24 @@ class LiveIndex:
             if count == len(vectors):
                 vectors = np.concatenate([vectors, np.zeros_like(vectors)])  # readers keep the old buffer
             vectors[count] = r.vector
-            self._fresh_ids.append(r.item_id)
-            self._fresh_attrs.append({str(k): str(v) for k, v in dict(r.content.get("attributes", {})).items()})
+            ids.append(r.item_id)
+            attrs.append({str(k): str(v) for k, v in dict(r.content.get("attributes", {})).items()})
+            hashes.append(r.content_hash)
             rows[r.item_id] = count
             alive[count] = True
             count += 1
-        self._state = _State(np.asarray(sorted(dead), np.int64), vectors, count, alive[:count], rows)
+        state = _State(np.asarray(sorted(dead), np.int64), vectors, count, alive[:count], rows, ids, attrs, hashes)
+        self._state = _compacted(state) if count - len(rows) > max(FRESH_COMPACT_MIN, len(rows)) else state
+
+
+def _compacted(s: _State) -> _State:
+    """The same live fresh rows in new buffers, without the rows that later writes superseded or deleted."""
+    keep = np.flatnonzero(s.fresh_alive)
+    vectors = np.zeros((max(16, 2 * len(keep)), s.fresh_vectors.shape[1]), np.float32)
+    vectors[: len(keep)] = s.fresh_vectors[keep]
+    ids = [s.fresh_ids[r] for r in keep.tolist()]
+    return _State(s.dead, vectors, len(keep), np.ones(len(keep), bool), {item: i for i, item in enumerate(ids)},
+                  ids, [s.fresh_attrs[r] for r in keep.tolist()], [s.fresh_hashes[r] for r in keep.tolist()])
 
 
 def _holds(sorted_labels: np.ndarray, label: int) -> bool:

@@ -15,15 +15,15 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from index.errors import CorruptLogError, LogRewrittenError
+from index.errors import CorruptLogError, IndexLayerError, LogRewrittenError
 from index.fsio import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "live.log"  # the log's name under an index root
 _HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+COMPACT_MIN_BYTES = 1 << 20  # superseded bytes below this are never worth a rewrite
 
 
 @dataclass(frozen=True)
@@ -94,30 +95,59 @@ def _frame(record: LogRecord) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+class LogEntry(NamedTuple):
+    """Where one record lies in the log, and what replay and compaction need of it without its content."""
+
+    op: str
+    item_id: str
+    model_version: str
+    content_hash: str
+    offset: int  # of the frame's header
+    size: int  # of the whole frame, header included
+    crc: int
+
+
 class WriteLog:
     """An append-only file of `LogRecord`s. Thread-safe; `append` returns only after fsync.
 
+    Memory holds one small `LogEntry` per record (never its content): `read` streams records
+    from the file. `compact` drops records that a later record of the same item supersedes (the
+    newest record per item is all that replay and the reindex's fold use), so the file stays
+    proportional to the live items plus one small delete record per item deleted since the
+    last reindex; `compact_soon` does that in the background once superseded bytes reach
+    `COMPACT_MIN_BYTES` and the live bytes. Delete records are never dropped here: they hide
+    items that an index published meanwhile may hold.
+
     Several processes may hold one path open (a server appending, a reindex job folding and
-    truncating): `append`, `truncate` and opening take an advisory lock (`flock`) on the file,
-    and a `WriteLog` that finds the file replaced by another process's `truncate`, or grown by
-    another's appends, rereads it first. `records` is this object's view as of its last
-    open, append or truncate; records another process wrote since show up only after one of those.
-    The lock is advisory and POSIX-only: every writer must go through `WriteLog`.
+    truncating): `append`, `truncate`, `compact` and opening take an advisory lock (`flock`) on
+    the file, and a `WriteLog` that finds the file replaced by another process's `truncate` or
+    `compact`, or grown by another's appends, rereads it first. `entries` is this object's view
+    as of its last open, append, truncate or compaction. The lock is advisory and POSIX-only:
+    every writer must go through `WriteLog`.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._records: list[LogRecord] = []
+        self._entries: list[LogEntry] = []
+        self._newest: dict[str, int] = {}  # item id -> index of its newest entry
+        self._dead = 0  # bytes of entries a newer entry of the same item supersedes
         self._end = 0  # bytes of intact frames this object has read or written
-        self._file = path.open("ab", buffering=0)  # unbuffered: a failed write leaves no bytes behind to flush later
+        self._generation = 0  # bumped whenever the entries are reread or rewritten
+        self.compactions = 0
+        self._compactor: threading.Thread | None = None
+        self._file = self._open()
         try:
             with self._file_lock():
                 pass  # taking the lock reads the file
         except BaseException:
             self._file.close()
             raise
+
+    def _open(self) -> Any:
+        # unbuffered: a failed write leaves no bytes behind to flush later; readable for `read`
+        return self.path.open("a+b", buffering=0)
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -128,7 +158,7 @@ class WriteLog:
                 break
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)  # a truncate renamed a new file over ours
             self._file.close()
-            self._file = self.path.open("ab", buffering=0)
+            self._file = self._open()
             self._end = -1
         try:
             if os.fstat(self._file.fileno()).st_size != self._end:
@@ -146,54 +176,79 @@ class WriteLog:
         return (named.st_ino, named.st_dev) != (own.st_ino, own.st_dev)
 
     def _reload(self) -> None:
-        """Read every record and drop a torn tail (caller holds the file lock, so no append is under way)."""
-        self._records, good_end = self._scan()
-        size = os.fstat(self._file.fileno()).st_size
+        """Index every record and drop a torn tail (caller holds the file lock, so no append is under way)."""
+        fd = self._file.fileno()
+        entries, good_end = _scan(fd, self.path)
+        size = os.fstat(fd).st_size
         if size != good_end:
             logger.warning("%s: dropping a torn tail of %d bytes", self.path, size - good_end)
-            self._file.truncate(good_end)
-            os.fsync(self._file.fileno())
-        self._end = good_end
+            os.ftruncate(fd, good_end)
+            os.fsync(fd)
+        self._set_entries(entries, good_end)
 
-    def _scan(self) -> tuple[list[LogRecord], int]:
-        data = self.path.read_bytes()
-        records: list[LogRecord] = []
-        pos = 0
-        while pos < len(data):
-            if pos + _HEADER.size > len(data):
-                break  # torn header at the tail
-            length, _ = _HEADER.unpack_from(data, pos)
-            end = pos + _HEADER.size + length
-            payload = data[pos + _HEADER.size: end]
-            if not _intact(data, pos):
-                # A damaged frame with no intact frame after it is the tail the process died writing
-                # (a partial frame, or garbage/zeros the filesystem left); anything else lost acknowledged writes.
-                following = _next_intact(data, pos + 1)
-                if following is None:
-                    break
-                raise CorruptLogError(
-                    f"{self.path}: frame {len(records)} at byte {pos} is damaged (checksum mismatch) and "
-                    f"intact frames follow it from byte {following}; refusing to drop acknowledged writes")
-            try:
-                records.append(LogRecord.from_bytes(payload))
-            except (ValueError, KeyError) as e:
-                raise CorruptLogError(f"{self.path}: frame {len(records)} at byte {pos} is unreadable: {e}") from None
-            pos = end
-        return records, pos
+    def _set_entries(self, entries: list[LogEntry], end: int) -> None:
+        self._entries, self._newest, self._dead, self._end = [], {}, 0, end
+        self._generation += 1
+        for e in entries:
+            self._add(e)
+
+    def _add(self, entry: LogEntry) -> None:
+        before = self._newest.get(entry.item_id)
+        if before is not None:
+            self._dead += self._entries[before].size
+        self._newest[entry.item_id] = len(self._entries)
+        self._entries.append(entry)
+
+    # ---- reading -------------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[LogEntry]:
+        """One entry per record, in order, as of this object's last open, append, truncate or compaction."""
+        with self._lock:
+            return list(self._entries)
 
     @property
     def records(self) -> list[LogRecord]:
-        """Every record read at open (or at the last reread) plus those appended since, in order."""
+        """Every record, in order, read from the file (content included: for tools and tests)."""
+        return list(self.read())
+
+    def read(self, entries: Sequence[LogEntry] | None = None) -> Iterator[LogRecord]:
+        """Stream the records of `entries` (default: all of this view) from the file, one at a time.
+
+        Raises:
+            LogRewrittenError: an entry no longer matches the file (it was compacted or truncated since).
+        """
         with self._lock:
-            return list(self._records)
+            chosen = list(self._entries) if entries is None else list(entries)
+            fd = os.dup(self._file.fileno())  # the file as it is now, even if it is replaced meanwhile
+        try:
+            for e in chosen:
+                frame = os.pread(fd, e.size, e.offset)
+                if len(frame) != e.size or not _intact(frame, 0) or _HEADER.unpack_from(frame)[1] != e.crc:
+                    raise LogRewrittenError(f"{self.path}: the record of {e.item_id!r} at byte {e.offset} "
+                                            "changed since it was listed (compacted or truncated)")
+                yield LogRecord.from_bytes(frame[_HEADER.size:])
+        finally:
+            os.close(fd)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._entries)
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of intact records in this view."""
+        return self._end
+
+    @property
+    def superseded_bytes(self) -> int:
+        """Bytes of records that a later record of the same item supersedes (what `compact` frees)."""
+        return self._dead
+
+    # ---- writing -------------------------------------------------------------------------------
     def append(self, records: Iterable[LogRecord]) -> None:
         """Write and fsync `records`; raises OSError (e.g. ENOSPC, EIO) without acknowledging them."""
         batch = list(records)
-        data = b"".join(_frame(r) for r in batch)
+        frames = [_frame(r) for r in batch]
+        data = b"".join(frames)
         with self._lock, self._file_lock():
             fd = self._file.fileno()
             try:
@@ -207,8 +262,11 @@ class WriteLog:
                 except OSError as e:  # e.g. EIO, or a device that cannot be truncated: the next open drops the tail
                     logger.error("%s: could not cut a failed append back to byte %d: %s", self.path, self._end, e)
                 raise
-            self._records.extend(batch)
-            self._end += len(data)
+            offset = self._end
+            for record, frame in zip(batch, frames, strict=True):
+                self._add(_entry(record, offset, frame))
+                offset += len(frame)
+            self._end = offset
 
     def truncate(self, keep_from: int = 0) -> None:
         """Drop records before index `keep_from` (after they were folded into a published index).
@@ -217,36 +275,126 @@ class WriteLog:
         the file is reread under the lock and only its first `keep_from` records are dropped.
 
         Raises:
-            LogRewrittenError: another process truncated the log since this object read it, so
-                its first `keep_from` records are no longer the ones this object saw.
+            LogRewrittenError: another process truncated or compacted the log since this object
+                read it, so its first `keep_from` records are no longer the ones this object saw.
         """
         if keep_from < 0:
             raise ValueError(f"keep_from={keep_from} must be >= 0")
         with self._lock:
-            seen = self._records
+            seen, generation = self._entries, self._generation
             with self._file_lock():
-                if self._records is not seen and not _same_prefix(seen, self._records, keep_from):
+                if self._generation != generation and not _same_prefix(seen, self._entries, keep_from):
                     raise LogRewrittenError(f"{self.path}: rewritten by another process since it was read; "
                                             f"refusing to drop its first {keep_from} records")
-                kept = self._records[keep_from:]
-                data = b"".join(_frame(r) for r in kept)
-                tmp = self.path.with_suffix(".tmp")
-                with tmp.open("wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-                fsync_dir(self.path.parent)
-            self._file.close()  # after unlocking: the replaced file's lock goes with it
-            self._file = self.path.open("ab", buffering=0)
-            self._records, self._end = kept, len(data)
+                kept = self._rewrite(self._entries[keep_from:])
+            self._reopen(kept)
+
+    def compact(self) -> int:
+        """Drop every record that a later record of the same item supersedes; returns the bytes freed.
+
+        Crash-safe as `truncate` is: the kept records are copied to a new file, fsync'd, renamed
+        over the log and the folder fsync'd; a crash before the rename leaves the old log whole.
+        """
+        with self._lock:
+            with self._file_lock():
+                before = self._end
+                live = [e for i, e in enumerate(self._entries) if self._newest[e.item_id] == i]
+                if len(live) == len(self._entries):
+                    return 0
+                kept = self._rewrite(live)
+            self._reopen(kept)
+            self.compactions += 1
+        logger.info("%s: compacted %d -> %d bytes (%d records kept)", self.path, before, self._end, len(kept))
+        return before - self._end
+
+    def wants_compaction(self) -> bool:
+        """Superseded records hold at least `COMPACT_MIN_BYTES` and as many bytes as the live ones."""
+        return self._dead >= max(COMPACT_MIN_BYTES, self._end - self._dead)
+
+    def compact_soon(self) -> None:
+        """Start a background `compact` when `wants_compaction` and none is running."""
+        with self._lock:
+            if not self.wants_compaction() or (self._compactor is not None and self._compactor.is_alive()):
+                return
+            self._compactor = threading.Thread(target=self._compact_logged, name="onetower-log-compact",
+                                               daemon=True)
+            self._compactor.start()
+
+    def _compact_logged(self) -> None:
+        try:
+            self.compact()
+        except (OSError, IndexLayerError) as e:  # the old log stays whole; the next write tries again
+            logger.error("%s: compaction failed, the log is unchanged: %s", self.path, e)
+
+    def _rewrite(self, kept: Sequence[LogEntry]) -> list[LogEntry]:
+        """Replace the file by the frames of `kept`, copied as they are (caller holds both locks)."""
+        src = self._file.fileno()
+        tmp = self.path.with_suffix(".tmp")
+        out: list[LogEntry] = []
+        with tmp.open("wb") as f:
+            for e in kept:
+                out.append(e._replace(offset=f.tell()))
+                f.write(os.pread(src, e.size, e.offset))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        return out
+
+    def _reopen(self, entries: list[LogEntry]) -> None:
+        """After `_rewrite`, outside the file lock: the replaced file's lock goes with it."""
+        self._file.close()
+        self._file = self._open()
+        self._set_entries(entries, sum(e.size for e in entries))
 
     def close(self) -> None:
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
         with self._lock:
             self._file.close()
 
 
-def _same_prefix(a: list[LogRecord], b: list[LogRecord], n: int) -> bool:
-    """Whether the first `n` records of `a` (or all it has) start `b` too."""
+def _entry(record: LogRecord, offset: int, frame: bytes) -> LogEntry:
+    return LogEntry(record.op, record.item_id, record.model_version, record.content_hash, offset, len(frame),
+                    _HEADER.unpack_from(frame)[1])
+
+
+def _scan(fd: int, path: Path) -> tuple[list[LogEntry], int]:
+    """The entries of every intact frame from the start, and where they end (a torn tail is left out).
+
+    Raises:
+        CorruptLogError: a damaged or unreadable frame that intact frames follow.
+    """
+    size = os.fstat(fd).st_size
+    entries: list[LogEntry] = []
+    pos = 0
+    while pos + _HEADER.size <= size:
+        length, crc = _HEADER.unpack(os.pread(fd, _HEADER.size, pos))
+        frame_size = _HEADER.size + length
+        payload = os.pread(fd, length, pos + _HEADER.size) if 0 < length <= min(MAX_RECORD_BYTES, size) else b""
+        if len(payload) != length or length == 0 or zlib.crc32(payload) != crc:
+            # A damaged frame with no intact frame after it is the tail the process died writing
+            # (a partial frame, or garbage/zeros the filesystem left); anything else lost acknowledged writes.
+            rest = os.pread(fd, size - pos, pos)
+            following = _next_intact(rest, 1)
+            if following is None:
+                break
+            raise CorruptLogError(
+                f"{path}: frame {len(entries)} at byte {pos} is damaged (checksum mismatch) and "
+                f"intact frames follow it from byte {pos + following}; refusing to drop acknowledged writes")
+        try:
+            body = json.loads(payload)
+            entries.append(LogEntry(str(body["op"]), str(body["item_id"]), str(body.get("model_version", "")),
+                                    str(body.get("content_hash", "")), pos, frame_size, crc))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptLogError(f"{path}: frame {len(entries)} at byte {pos} is unreadable: {e}") from None
+        pos += frame_size
+    return entries, pos
+
+
+def _same_prefix(a: Sequence[LogEntry], b: Sequence[LogEntry], n: int) -> bool:
+    """Whether the first `n` records of `a` (or all it has) start `b` too (same frames at the same places)."""
     m = min(n, len(a))
-    return len(b) >= m and all(x.to_bytes() == y.to_bytes() for x, y in zip(a[:m], b[:m], strict=True))
+    return len(b) >= m and all((x.offset, x.size, x.crc) == (y.offset, y.size, y.crc)
+                               for x, y in zip(a[:m], b[:m], strict=True))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.errors import CorruptLogError
+from index.errors import CorruptLogError, LogRewrittenError
 from index.log import LogRecord, WriteLog
 
 DIM = 8
@@ -199,3 +199,84 @@ def test_concurrent_appends_are_all_kept_whole(path: Path) -> None:
     for i in range(0, 200, 2):  # each append's records stay adjacent, in order
         a, b = int(ids[i].split("-")[1]), int(ids[i + 1].split("-")[1])
         assert b == a + 500
+
+
+def _item(i: int, version: int, size: int = 2000) -> LogRecord:
+    image = np.random.default_rng(1000 * i + version).bytes(size)
+    return LogRecord(op="upsert", item_id=f"item-{i}", model_version="7", vector=np.full(DIM, version, np.float32),
+                     content={"title": f"v{version}", "images": [image]}, content_hash=f"{i}-{version}")
+
+
+def test_compact_keeps_the_newest_record_of_each_item_and_every_delete(path: Path) -> None:
+    log = WriteLog(path)
+    log.append([_item(i, 1) for i in range(4)])
+    log.append([_item(0, 2), LogRecord(op="delete", item_id="item-1", model_version="7"), _item(2, 2)])
+    superseded = log.superseded_bytes
+    assert superseded > 0 and log.size_bytes == path.stat().st_size
+    assert log.compact() == superseded
+    kept = [(r.item_id, r.op, r.content.get("title")) for r in log.records]
+    assert kept == [("item-3", "upsert", "v1"), ("item-0", "upsert", "v2"), ("item-1", "delete", None),
+                    ("item-2", "upsert", "v2")]
+    assert log.superseded_bytes == 0 and log.size_bytes == path.stat().st_size
+    assert log.compact() == 0  # nothing left to drop
+    log.append([_item(3, 2)])  # appends go on after a compaction
+    log.close()
+    back = WriteLog(path)
+    assert [(r.item_id, r.content.get("title")) for r in back.records][-2:] == [("item-2", "v2"), ("item-3", "v2")]
+    _same(back.records[1], _item(0, 2))  # frames are copied as they were
+
+
+def test_compact_soon_runs_only_when_superseded_bytes_outweigh_the_live(path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("index.log.COMPACT_MIN_BYTES", 10_000)
+    log = WriteLog(path)
+    log.append([_item(i, 1) for i in range(10)])  # ~30 KB live
+    log.append([_item(i, 2) for i in range(3)])  # ~9 KB superseded: under the live bytes
+    log.compact_soon()
+    assert log.compactions == 0 and not log.wants_compaction()
+    log.append([_item(i, 3) for i in range(3, 10)])  # now ~30 KB superseded
+    assert log.wants_compaction()
+    log.compact_soon()
+    log.close()  # waits for the background compaction
+    assert log.compactions == 1
+    assert len(WriteLog(path)) == 10
+
+
+def test_a_crash_during_compaction_leaves_the_log_whole(path: Path) -> None:
+    log = WriteLog(path)
+    log.append([_item(0, 1), _item(0, 2), _item(1, 1)])
+    log.close()
+    before = path.read_bytes()
+    path.with_suffix(".tmp").write_bytes(before[:50])  # a compaction that died before its rename
+    log = WriteLog(path)
+    assert [r.content["title"] for r in log.records] == ["v1", "v2", "v1"]
+    log.compact()
+    assert [r.content["title"] for r in WriteLog(path).records] == ["v2", "v1"]
+
+
+def test_entries_read_before_a_compaction_are_refused_after_it(path: Path) -> None:
+    log = WriteLog(path)
+    log.append([_item(0, 1), _item(0, 2), _item(1, 1)])
+    old = log.entries
+    log.compact()
+    with pytest.raises(LogRewrittenError):
+        list(log.read(old[2:]))
+    assert [r.item_id for r in log.read(log.entries)] == ["item-0", "item-1"]
+
+
+def test_a_reindex_truncate_after_a_server_compaction_keeps_the_log_whole(path: Path) -> None:
+    server = WriteLog(path)
+    server.append([_item(0, 1), _item(1, 1)])
+    job = WriteLog(path)  # a reindex reads both records and folds them
+    server.append([_item(0, 2)])
+    server.compact()  # drops item-0 v1, which the job folded
+    with pytest.raises(LogRewrittenError):
+        job.truncate(keep_from=2)
+    assert [(r.item_id, r.content["title"]) for r in WriteLog(path).records] == [("item-1", "v1"), ("item-0", "v2")]
+
+
+def test_memory_holds_entries_not_contents(path: Path) -> None:
+    log = WriteLog(path)
+    log.append([_item(i, 1, size=50_000) for i in range(20)])
+    assert all(isinstance(e.offset, int) and e.size > 50_000 for e in log.entries)
+    assert not any(isinstance(v, (bytes, dict)) for e in log.entries for v in e)  # no content is kept
