@@ -55,6 +55,17 @@ def decode_image(data: bytes, size: int, field: str = "images[0]", max_pixels: i
     return np.array(fitted, dtype=np.uint8)  # a writable copy
 
 
+def image_pixels(data: bytes) -> int:
+    """Width x height from the header alone (nothing is decoded); 0 when the header cannot be read
+    (`decode_image` then refuses the image with its reason)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return 0
+    return max(w, 0) * max(h, 0)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit greyscale PNG: convert() would clip every value above 255 to white, so scale to 8 bits.
