@@ -59,18 +59,19 @@ class Client:
 
     def similar(self, item_ids: Sequence[str] = (), vectors: Sequence[Sequence[float]] = (), k: int = 10,
                 exclude: Iterable[str] = (), attributes_equal: Mapping[str, str] | None = None,
-                min_score: float = 0.0) -> list[list[Neighbor]]:
-        """Neighbours for queries by item id, then by vector, in that order."""
+                min_score: float | None = None) -> list[list[Neighbor]]:
+        """Neighbours for queries by item id, then by vector, in that order; `min_score` None: no floor."""
         queries = [pb.Query(item_id=i) for i in item_ids] + [pb.Query(vector=pb.Vector(values=list(v)))
                                                              for v in vectors]
         req = pb.SimilarItemsRequest(queries=queries, k=k, exclude_item_ids=list(exclude),
                                      filter=pb.Filter(attributes_equal=dict(attributes_equal or {})),
-                                     min_score=min_score)
+                                     min_score=min_score)  # None leaves the optional field unset
         resp = self.stub.SimilarItems(req, timeout=self.timeout, metadata=self.metadata)
         return [[Neighbor(n.item_id, n.score) for n in r.neighbors] for r in resp.results]
 
     def recommend(self, history: Sequence[str], k: int = 10) -> list[Neighbor]:
-        req = pb.RecommendForUserRequest(history=[pb.HistoryEvent(item_id=i, weight=1.0) for i in history], k=k)
+        """Candidates for a history of item ids, each weighing 1 and undated."""
+        req = pb.RecommendForUserRequest(history=[pb.HistoryEvent(item_id=i) for i in history], k=k)
         resp = self.stub.RecommendForUser(req, timeout=self.timeout, metadata=self.metadata)
         return [Neighbor(n.item_id, n.score) for n in resp.neighbors]
 

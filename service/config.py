@@ -22,6 +22,7 @@ class Limits:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images_per_item: int = 8
+    max_request_pixels: int = 200_000_000  # decoded pixels of all images of one request, read from headers
     max_message_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -52,6 +53,7 @@ class ServiceConfig:
     # exempt and keep spare handler threads); None: no limit, calls wait for a handler thread.
     max_concurrent_rpcs: int | None = None
     metrics_port: int | None = None
+    metrics_host: str | None = None  # the /metrics interface; None: the gRPC `host`
     cache_dir: Path = Path(".onetower-cache")
     auth_token: str | None = None  # set: every RPC but health and reflection needs `authorization: Bearer <token>`
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS only

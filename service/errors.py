@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -10,9 +11,11 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from embed.errors import InvalidItemError
 from index.errors import IndexLayerError
+from protos.onetower.v1 import onetower_pb2 as pb
 from service.batching import DeadlineExpiredError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -67,10 +70,46 @@ def to_service_error(exc: BaseException, prefix: str = "items") -> ServiceError:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+SERVICE = pb.DESCRIPTOR.services_by_name["Recommendations"]
+MALFORMED_LOG_EVERY_S = 1.0
+
+
+class _Malformed:
+    """Parses raw request bytes; a request that does not parse is INVALID_ARGUMENT, logged at most once a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = -MALFORMED_LOG_EVERY_S
+        self._quiet = 0
+
+    def parse(self, method: str, data: bytes, metrics: Any) -> Any:
+        cls = getattr(pb, SERVICE.methods_by_name[method].input_type.name)
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            if metrics is not None:
+                metrics.malformed.labels(method).inc()
+            self._log(method, len(data), e)
+            raise invalid("malformed_request", f"the {cls.__name__} ({len(data)} bytes) does not parse as "
+                                               f"onetower.v1.{cls.__name__}: {e}") from None
+
+    def _log(self, method: str, size: int, error: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < MALFORMED_LOG_EVERY_S:
+                self._quiet += 1
+                return
+            quiet, self._quiet, self._last = self._quiet, 0, now
+        logger.warning("%s: a %d-byte request did not parse (%s)%s", method, size, error,
+                       f"; {quiet} more since the last such line" if quiet else "")
+
+
+_malformed = _Malformed()
 
 
 def guarded(method: F) -> F:
-    """Servicer decorator: any exception becomes a status with a reason; UNKNOWN never leaves."""
+    """Servicer decorator: parses the raw request (see `add_to_server`); any exception becomes a status
+    with a reason; UNKNOWN never leaves."""
 
     name = method.__name__
 
@@ -80,6 +119,8 @@ def guarded(method: F) -> F:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, bytes):
+                request = _malformed.parse(name, request, metrics)
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - the one place every error is mapped
             err = to_service_error(exc)
@@ -95,3 +136,17 @@ def guarded(method: F) -> F:
                 metrics.latency.labels(name).observe(time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
+
+
+def add_to_server(servicer: Any, server: grpc.Server) -> None:
+    """Register the servicer's methods with raw bytes in: `guarded` parses them, so a request that does not
+    parse is answered INVALID_ARGUMENT with a reason and counted, not gRPC's bare INTERNAL."""
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=None,
+                                                          response_serializer=_serialize)
+                for name in SERVICE.methods_by_name}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _serialize(message: Any) -> bytes:
+    return bytes(message.SerializeToString())

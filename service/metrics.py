@@ -27,10 +27,19 @@ class Metrics:
                                registry=r)
         self.shed = Counter("onetower_shed", "calls refused by the concurrency limit (RESOURCE_EXHAUSTED)",
                             ["method"], registry=r)
+        self.log_bytes = Gauge("onetower_live_log_bytes", "size of the live-write log", registry=r)
+        self.log_superseded_bytes = Gauge(
+            "onetower_live_log_superseded_bytes",
+            "bytes of live-write log records a later write of the same item supersedes (compaction frees them)",
+            registry=r)
+        self.log_compactions = Gauge("onetower_live_log_compactions", "live-write log compactions by this process",
+                                     registry=r)
+        self.malformed = Counter("onetower_malformed_requests", "requests that did not parse, by method",
+                                 ["method"], registry=r)
         self.model_version = Gauge("onetower_model_version", "served model version (1 for the served one)",
                                    ["model", "version", "index_version"], registry=r)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
+    def serve_http(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose /metrics on `port` until `stop_http()`."""
         self._http: tuple[Any, Any] | None = start_http_server(port, addr=addr, registry=self.registry)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 import time
 import uuid
@@ -16,10 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.onetower.v1 import onetower_pb2 as pb
-from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
 from service.auth import OPEN_METHODS, TokenAuthInterceptor, server_credentials
 from service.batching import MicroBatcher
 from service.config import ServiceConfig
+from service.errors import add_to_server
 from service.metrics import Metrics
 from service.servicer import RecommendationsServicer
 from service.snapshot import SnapshotHolder, Watcher
@@ -151,6 +153,27 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 256 * 1024  # allocations this large and up are mapped and unmapped, never left in a heap
+
+
+def tune_malloc() -> None:
+    """Large blocks mapped on their own (glibc), unless MALLOC_MMAP_THRESHOLD_ says otherwise.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, after which a
+    request's large, short-lived buffers (image bytes, decoded pixels, tensors) come from heaps that
+    fragment and never shrink. A fixed threshold keeps them mapped and returned on free. Set for the
+    server only: training allocates large tensors every step and would pay for the mappings. The
+    arena cap (`onetower/__init__.py`) does the rest. A no-op on other C libraries.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
 def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
     """Bind the port, register everything, then load the model and index (health NOT_SERVING until then).
 
@@ -158,6 +181,7 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
         RuntimeError: the port cannot be bound.
         PairMismatchError, IndexVerificationError, MlflowException: loading failed (the port is closed again).
     """
+    tune_malloc()
     limits = config.limits
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -176,7 +200,7 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
     batcher = MicroBatcher(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
                            max_queue=config.max_queue)
     servicer = RecommendationsServicer(holder, limits, metrics, batcher)
-    pb_grpc.add_RecommendationsServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -195,8 +219,9 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
                 f"at most {limit} calls in flight" if limit else "no concurrency limit",
                 extra={"port": port, "max_concurrent_rpcs": limit})
     if config.metrics_port is not None:
-        metrics.serve_http(config.metrics_port)
-        logger.info("metrics on :%d/metrics", config.metrics_port)
+        metrics_host = config.metrics_host or config.host
+        metrics.serve_http(config.metrics_port, metrics_host)
+        logger.info("metrics on %s:%d/metrics", metrics_host, config.metrics_port)
     if load:
         try:
             holder.refresh()

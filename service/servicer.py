@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -20,12 +21,23 @@ from service.config import Limits
 from service.errors import ServiceError, exhausted, guarded, invalid, not_found, to_service_error, unavailable
 from service.metrics import Metrics
 from service.snapshot import Snapshot, SnapshotHolder
-from service.validate import check_ids, parse_items, parse_search_params, parse_vector
+from service.validate import (
+    check_ids,
+    check_item_id,
+    check_pixels,
+    parse_items,
+    parse_min_score,
+    parse_search_params,
+    parse_vector,
+    stored_form,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_WAIT_S = 3600.0  # a deadline further away than this is treated as none
 HALF_LIFE_MS = 7 * 24 * 3600 * 1000  # RecommendForUser: an event a week older counts half
+SWAP_RETRIES = 3  # UpsertItems: encodings redone when the model is swapped between encoding and writing
+MISSING_SHOWN = 20  # GetEmbeddings: missing ids named in the message
 
 
 class RecommendationsServicer(pb_grpc.RecommendationsServicer):
@@ -52,6 +64,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
     @guarded
     def EmbedItems(self, request: pb.EmbedItemsRequest, context: grpc.ServicerContext) -> pb.EmbedItemsResponse:
         items = parse_items(request.items, self.limits, need_id=False)
+        check_pixels(items, self.limits.max_request_pixels)
         snap = self._snapshot()
         vectors = self._encode(snap, items, context)
         return pb.EmbedItemsResponse(
@@ -60,23 +73,49 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
 
     @guarded
     def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.ServicerContext) -> pb.UpsertItemsResponse:
-        items = parse_items(request.items, self.limits, need_id=True)
+        items = [stored_form(it) for it in parse_items(request.items, self.limits, need_id=True)]
         k = request.neighbors_k
         if k < 0 or k > self.limits.max_k:
             raise invalid("k_out_of_range", f"neighbors_k={k} must be in [0, {self.limits.max_k}]")
-        with self.holder.write_lock:
-            snap = self._snapshot()
-            vectors = self._encode(snap, items, context)
-            records = [LogRecord(op="upsert", item_id=it.item_id, model_version=snap.model_version, vector=v,
-                                 content=it.to_content(), content_hash=it.content_hash())
-                       for it, v in zip(items, vectors, strict=True)]
-            snap.index.upsert(records)
-        self.metrics.index_items.set(len(snap.index))
+        check_pixels(items, self.limits.max_request_pixels)
+        snap = self._write(items, context)
         neighbors = []
         if k > 0:
+            vectors = np.stack([_stored_vector(snap, it.item_id) for it in items])
             hits = snap.index.search(vectors, k, self_ids=[it.item_id for it in items])
             neighbors = [_neighbors(h) for h in hits]
         return pb.UpsertItemsResponse(upserted=len(items), model_version=snap.model_version, neighbors=neighbors)
+
+    def _write(self, items: Sequence[Item], context: grpc.ServicerContext) -> Snapshot:
+        """Encode the changed items outside the write lock, then log and apply them under it.
+
+        Returns the snapshot written to. Items live with the same content are not encoded (the
+        index skips them too). A swap to another model between encoding and writing means the
+        vectors are of the wrong model: they are encoded again with the new one.
+        """
+        snap = self._snapshot()
+        for _ in range(SWAP_RETRIES):
+            changed = [it for it in items if not snap.index.unchanged(it.item_id, it.content_hash())]
+            vectors = self._encode(snap, changed, context) if changed else None
+            with self.holder.write_lock:
+                current = self._snapshot()
+                if current.model_version == snap.model_version:
+                    records = [LogRecord(op="upsert", item_id=it.item_id, model_version=snap.model_version,
+                                         vector=v, content=it.to_content(), content_hash=it.content_hash())
+                               for it, v in zip(changed, vectors if vectors is not None else [], strict=True)]
+                    current.index.upsert(records)
+                    self._count_writes(current)
+                    return current
+            snap = current
+        raise unavailable("the served model changed during the write several times; retry")
+
+    def _count_writes(self, snap: Snapshot) -> None:
+        self.metrics.index_items.set(len(snap.index))
+        log = snap.index.log
+        if log is not None:
+            self.metrics.log_bytes.set(log.size_bytes)
+            self.metrics.log_superseded_bytes.set(log.superseded_bytes)
+            self.metrics.log_compactions.set(log.compactions)
 
     @guarded
     def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.ServicerContext) -> pb.DeleteItemsResponse:
@@ -84,7 +123,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         with self.holder.write_lock:
             snap = self._snapshot()
             deleted = snap.index.delete(ids)
-        self.metrics.index_items.set(len(snap.index))
+            self._count_writes(snap)
         return pb.DeleteItemsResponse(deleted=deleted)
 
     @guarded
@@ -97,12 +136,13 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
             raise exhausted("too_many_queries", f"queries has {n} entries, limit {self.limits.max_queries}")
         k = self._check_k(request.k)
         params = parse_search_params(request.search)
+        exclude = check_ids(request.exclude_item_ids, "exclude_item_ids", self.limits.max_ids, allow_empty=True)
+        min_score = parse_min_score(request)
         snap = self._snapshot()
         vectors, self_ids = self._query_vectors(request, snap, context)
-        hits = snap.index.search(vectors, k, exclude=list(request.exclude_item_ids),
+        hits = snap.index.search(vectors, k, exclude=exclude,
                                  attributes_equal=dict(request.filter.attributes_equal) or None,
-                                 min_score=request.min_score if request.min_score != 0 else None,
-                                 self_ids=self_ids, params=params)
+                                 min_score=min_score, self_ids=self_ids, params=params)
         self.metrics.batch_size.labels("SimilarItems").observe(n)
         return pb.SimilarItemsResponse(results=[_neighbors(h) for h in hits], model_version=snap.model_version,
                                        index_version=snap.index.index_version)
@@ -134,6 +174,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
                 content.append((i, item))
             else:
                 raise invalid("query_empty", f"queries[{i}] sets none of item_id, vector, item")
+        check_pixels([it for _, it in content], self.limits.max_request_pixels, "queries[].item")
         if content:
             try:
                 vecs = self._encode(snap, [it for _, it in content], context)
@@ -160,9 +201,10 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
             raise exhausted("history_too_long", f"history has {len(events)} events, limit {self.limits.max_ids}")
         k = self._check_k(request.k)
         params = parse_search_params(request.search)
+        exclude = check_ids(request.exclude_item_ids, "exclude_item_ids", self.limits.max_ids, allow_empty=True)
         snap = self._snapshot()
-        query, seen = _history_vector(events, snap)
-        hits = snap.index.search(query[None, :], k, exclude=[*seen, *request.exclude_item_ids],
+        query, seen = history_vector(events, snap.index.vector, time.time() * 1000)
+        hits = snap.index.search(query[None, :], k, exclude=[*seen, *exclude],
                                  attributes_equal=dict(request.filter.attributes_equal) or None, params=params)[0]
         return pb.RecommendForUserResponse(neighbors=[pb.Neighbor(item_id=h.item_id, score=h.score) for h in hits],
                                            model_version=snap.model_version, index_version=snap.index.index_version)
@@ -172,13 +214,15 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
                       context: grpc.ServicerContext) -> pb.GetEmbeddingsResponse:
         ids = check_ids(request.item_ids, "item_ids", self.limits.max_ids)
         snap = self._snapshot()
-        out = []
-        for i, item_id in enumerate(ids):
-            vec = snap.index.vector(item_id)
-            if vec is None:
-                raise not_found(f"item_ids[{i}] {item_id!r} is not in the index")
-            out.append(_embedding(item_id, vec, []))
-        return pb.GetEmbeddingsResponse(embeddings=out)
+        vectors = [snap.index.vector(item_id) for item_id in ids]
+        missing = [f"item_ids[{i}] {item_id!r}" for i, (item_id, v) in enumerate(zip(ids, vectors, strict=True))
+                   if v is None]
+        if missing:
+            shown = ", ".join(missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
+            raise not_found(f"{len(missing)} of {len(ids)} ids are not in the index ({shown}); "
+                            "GetEmbeddings answers all or nothing")
+        return pb.GetEmbeddingsResponse(embeddings=[_embedding(item_id, v, []) for item_id, v in
+                                                    zip(ids, vectors, strict=True) if v is not None])
 
     @guarded
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
@@ -188,26 +232,50 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
                                   item_count=len(snap.index), dim=snap.index.dim, index_kind=snap.index.kind)
 
 
-def _history_vector(events: Sequence[pb.HistoryEvent], snap: Snapshot) -> tuple[np.ndarray, list[str]]:
-    """Recency- and weight-weighted mean of the known history items' vectors (unknown ids are skipped)."""
-    newest = max(e.timestamp_ms for e in events)
-    total = np.zeros(snap.index.dim, np.float64)
+def history_vector(events: Sequence[pb.HistoryEvent], lookup: Callable[[str], np.ndarray | None],
+                   now_ms: float) -> tuple[np.ndarray, list[str]]:
+    """The user vector `RecommendForUser` searches with, and the history's ids (excluded from results).
+
+    The normalised sum of the known items' vectors, each weighted by weight x 0.5^(age / HALF_LIFE_MS):
+    weight unset is 1; timestamp 0 (unset) has no age; a time after `now_ms` counts as now. The
+    weights are taken in log space relative to the heaviest, so a long history never underflows.
+    Ids `lookup` does not know are skipped.
+    """
     seen: list[str] = []
+    known: list[tuple[float, np.ndarray]] = []  # (log2 weight, vector)
     for i, e in enumerate(events):
-        if not e.item_id:
-            raise invalid("item_id_empty", f"history[{i}].item_id is empty")
-        if not math.isfinite(e.weight) or e.weight < 0:
-            raise invalid("weight_invalid", f"history[{i}].weight={e.weight} must be finite and >= 0")
+        check_item_id(e.item_id, f"history[{i}].item_id")
+        weight = e.weight if e.HasField("weight") else 1.0
+        if not math.isfinite(weight) or weight < 0:
+            raise invalid("weight_invalid", f"history[{i}].weight={weight} must be finite and >= 0 (unset: 1)")
+        if e.timestamp_ms < 0:
+            raise invalid("timestamp_invalid", f"history[{i}].timestamp_ms={e.timestamp_ms} must be >= 0 "
+                                               "(milliseconds since the epoch; 0: unset)")
         seen.append(e.item_id)
-        vec = snap.index.vector(e.item_id)
-        if vec is None:
+        vec = lookup(e.item_id)
+        if vec is None or weight == 0:
             continue
-        weight = (e.weight or 1.0) * 0.5 ** ((newest - e.timestamp_ms) / HALF_LIFE_MS)
-        total += weight * vec
-    norm = float(np.linalg.norm(total))
-    if norm == 0.0:
+        age_ms = max(0.0, now_ms - e.timestamp_ms) if e.timestamp_ms else 0.0
+        known.append((math.log2(weight) - age_ms / HALF_LIFE_MS, vec))
+    if not known:
+        if any(lookup(item_id) is not None for item_id in seen):
+            raise invalid("weights_all_zero", "every history event of a known item has weight 0")
         raise not_found("history names no item that is in the index")
+    top = max(w for w, _ in known)
+    total = np.zeros(len(known[0][1]), np.float64)
+    for log_weight, vec in known:
+        total += 2.0 ** (log_weight - top) * vec
+    norm = float(np.linalg.norm(total))
+    if norm == 0.0:  # opposite vectors cancelling exactly
+        raise not_found("the history's weighted vectors cancel out; no direction to search")
     return (total / norm).astype(np.float32), seen
+
+
+def _stored_vector(snap: Snapshot, item_id: str) -> np.ndarray:
+    vec = snap.index.vector(item_id)
+    if vec is None:  # deleted by a concurrent call since it was written
+        raise not_found(f"{item_id!r} was deleted by another call before its neighbours were searched")
+    return vec
 
 
 def _embedding(item_id: str, vector: np.ndarray, modalities: Sequence[str]) -> pb.Embedding:

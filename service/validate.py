@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from embed.image_bytes import strip_metadata
+from embed.images import image_pixels
 from embed.items import Item
 from index.config import MAX_EF_SEARCH, MAX_NPROBE, SearchParams
 from index.ids import MAX_ITEM_ID_BYTES
@@ -14,20 +19,30 @@ from service.config import Limits
 from service.errors import exhausted, invalid
 
 
-def check_ids(ids: Iterable[str], field: str, limit: int) -> list[str]:
-    """Item ids: non-empty, at most MAX_ITEM_ID_BYTES, at most `limit` of them."""
+def check_ids(ids: Iterable[str], field: str, limit: int, allow_empty: bool = False) -> list[str]:
+    """Item ids (`check_item_id` each), at most `limit` of them; none only when `allow_empty`."""
     out = list(ids)
-    if not out:
+    if not out and not allow_empty:
         raise invalid("ids_empty", f"{field} is empty; send at least one item id")
     if len(out) > limit:
         raise exhausted("too_many_ids", f"{field} has {len(out)} ids, limit {limit}")
     for i, item_id in enumerate(out):
-        where = field if len(out) == 1 and not field.endswith("s") else f"{field}[{i}]"
-        if not item_id:
-            raise invalid("item_id_empty", f"{where} is empty")
-        if len(item_id.encode()) > MAX_ITEM_ID_BYTES:
-            raise invalid("item_id_too_long", f"{where} is {len(item_id.encode())} bytes, limit {MAX_ITEM_ID_BYTES}")
+        check_item_id(item_id, field if len(out) == 1 and not field.endswith("s") else f"{field}[{i}]")
     return out
+
+
+def check_item_id(item_id: str, where: str) -> None:
+    """Non-empty, at most MAX_ITEM_ID_BYTES of UTF-8, printable (`str.isprintable`: no control, format,
+    bidi-override, zero-width, surrogate, private-use, unassigned or separator characters but the space)."""
+    if not item_id:
+        raise invalid("item_id_empty", f"{where} is empty")
+    size = len(item_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_ITEM_ID_BYTES:
+        raise invalid("item_id_too_long", f"{where} is {size} bytes, limit {MAX_ITEM_ID_BYTES}")
+    if not item_id.isprintable():
+        bad = next(c for c in item_id if not c.isprintable())
+        raise invalid("item_id_unprintable", f"{where} holds the character U+{ord(bad):04X} "
+                                             f"({unicodedata.name(bad, 'unnamed')}); item ids must be printable")
 
 
 def parse_items(items: Sequence[pb.Item], limits: Limits, need_id: bool, field: str = "items") -> list[Item]:
@@ -66,17 +81,47 @@ def parse_items(items: Sequence[pb.Item], limits: Limits, need_id: bool, field: 
     return out
 
 
+def stored_form(item: Item) -> Item:
+    """`item` as the live-write log stores it: each image's metadata and trailing bytes dropped, pixels kept."""
+    if not item.images:
+        return item
+    return dataclasses.replace(item, images=tuple(strip_metadata(data) for data in item.images))
+
+
 def parse_vector(values: Sequence[float], dim: int, field: str) -> np.ndarray:
-    """A query vector: `dim` finite values, not all zero; returned unit-length."""
-    vec = np.asarray(values, dtype=np.float32)
+    """A query vector: `dim` finite values, not all zero, of any scale; returned unit-length float32."""
+    vec = np.asarray(values, dtype=np.float64)
     if vec.shape != (dim,):
         raise invalid("dim_mismatch", f"{field} has {vec.size} values, want {dim}")
     if not np.isfinite(vec).all():
         raise invalid("vector_not_finite", f"{field} holds NaN or infinite values")
-    norm = float(np.linalg.norm(vec))
-    if norm == 0.0 or not np.isfinite(norm):
-        raise invalid("vector_zero", f"{field} is all zeros (or overflows); cannot rank by cosine")
-    return vec / norm
+    peak = float(np.abs(vec).max())
+    if peak == 0.0:
+        raise invalid("vector_zero", f"{field} is all zeros; cannot rank by cosine")
+    vec = vec / peak  # scaled first, so 1e-30 does not underflow nor 1e38 overflow the norm
+    return (vec / np.linalg.norm(vec)).astype(np.float32)
+
+
+def parse_min_score(request: pb.SimilarItemsRequest) -> float | None:
+    """The score floor: None when unset; a set value must be a cosine in [-1, 1]."""
+    if not request.HasField("min_score"):
+        return None
+    value = request.min_score
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise invalid("min_score_invalid", f"min_score={value} must be a number in [-1, 1] (or unset: no floor)")
+    return value
+
+
+def check_pixels(items: Sequence[Item], limit: int, field: str = "items") -> None:
+    """Refuse a request whose images would decode to more than `limit` pixels in all (read from headers)."""
+    total = 0
+    for i, item in enumerate(items):
+        for j, data in enumerate(item.images):
+            total += image_pixels(data)
+            if total > limit:
+                raise exhausted("request_pixels_too_many",
+                                f"{field}[{i}].images[{j}] brings the request to {total} decoded pixels, limit "
+                                f"{limit}; send the images in several requests or smaller")
 
 
 def parse_search_params(msg: pb.SearchParams, field: str = "search") -> SearchParams | None:

@@ -27,6 +27,19 @@ if _version_not_supported:
 
 class RecommendationsStub:
     """Item lookups and live writes for feed ranking.
+
+    Input rules (each refusal is INVALID_ARGUMENT or, for counts and sizes over a limit,
+    RESOURCE_EXHAUSTED, with a message "<reason>: <field> ..." naming the field):
+    - Item ids, wherever they appear (items, queries, exclusions, histories, deletes, lookups): 1 to 256
+    bytes of UTF-8, printable only (no control, format, bidirectional-override, zero-width, surrogate,
+    private-use, unassigned or line/paragraph-separator characters; the ASCII space is allowed).
+    - Lists of ids (exclude_item_ids, item_ids, history) hold at most 1000 entries by default.
+    - A request that does not parse (bad bytes, invalid UTF-8 in a string) is INVALID_ARGUMENT
+    "malformed_request".
+    - Images: JPEG, PNG, WebP or GIF, at most 20 MiB and 40 megapixels each, 8 per item, and at most
+    200 megapixels decoded per request (RESOURCE_EXHAUSTED "request_pixels_too_many"). Stored images
+    keep their pixels but not their metadata: text and colour-profile chunks, comments, XMP and bytes
+    after the image's end are dropped losslessly before an upsert is logged (EXIF orientation stays).
     """
 
     def __init__(self, channel):
@@ -74,6 +87,19 @@ class RecommendationsStub:
 
 class RecommendationsServicer:
     """Item lookups and live writes for feed ranking.
+
+    Input rules (each refusal is INVALID_ARGUMENT or, for counts and sizes over a limit,
+    RESOURCE_EXHAUSTED, with a message "<reason>: <field> ..." naming the field):
+    - Item ids, wherever they appear (items, queries, exclusions, histories, deletes, lookups): 1 to 256
+    bytes of UTF-8, printable only (no control, format, bidirectional-override, zero-width, surrogate,
+    private-use, unassigned or line/paragraph-separator characters; the ASCII space is allowed).
+    - Lists of ids (exclude_item_ids, item_ids, history) hold at most 1000 entries by default.
+    - A request that does not parse (bad bytes, invalid UTF-8 in a string) is INVALID_ARGUMENT
+    "malformed_request".
+    - Images: JPEG, PNG, WebP or GIF, at most 20 MiB and 40 megapixels each, 8 per item, and at most
+    200 megapixels decoded per request (RESOURCE_EXHAUSTED "request_pixels_too_many"). Stored images
+    keep their pixels but not their metadata: text and colour-profile chunks, comments, XMP and bytes
+    after the image's end are dropped losslessly before an upsert is logged (EXIF orientation stays).
     """
 
     def EmbedItems(self, request, context):
@@ -84,7 +110,8 @@ class RecommendationsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpsertItems(self, request, context):
-        """Durable live writes: searchable on return.
+        """Durable live writes: searchable on return. Upserting an item that is live with the same content
+        under the served model changes nothing and writes nothing (it still counts in `upserted`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +138,8 @@ class RecommendationsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEmbeddings(self, request, context):
-        """Stored vectors by item id.
+        """Stored vectors by item id. All or nothing: when any id is not in the index the call is NOT_FOUND
+        and its message names every missing id (up to 20 of them) with its position in item_ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +200,19 @@ def add_RecommendationsServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Recommendations:
     """Item lookups and live writes for feed ranking.
+
+    Input rules (each refusal is INVALID_ARGUMENT or, for counts and sizes over a limit,
+    RESOURCE_EXHAUSTED, with a message "<reason>: <field> ..." naming the field):
+    - Item ids, wherever they appear (items, queries, exclusions, histories, deletes, lookups): 1 to 256
+    bytes of UTF-8, printable only (no control, format, bidirectional-override, zero-width, surrogate,
+    private-use, unassigned or line/paragraph-separator characters; the ASCII space is allowed).
+    - Lists of ids (exclude_item_ids, item_ids, history) hold at most 1000 entries by default.
+    - A request that does not parse (bad bytes, invalid UTF-8 in a string) is INVALID_ARGUMENT
+    "malformed_request".
+    - Images: JPEG, PNG, WebP or GIF, at most 20 MiB and 40 megapixels each, 8 per item, and at most
+    200 megapixels decoded per request (RESOURCE_EXHAUSTED "request_pixels_too_many"). Stored images
+    keep their pixels but not their metadata: text and colour-profile chunks, comments, XMP and bytes
+    after the image's end are dropped losslessly before an upsert is logged (EXIF orientation stays).
     """
 
     @staticmethod
