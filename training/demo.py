@@ -15,6 +15,7 @@ from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.publish import load_version, read_current
 from training.console import console, progress_bar
+from training.data.catalog import read_interactions
 from training.data.synthetic import SynthConfig, SynthDataset, generate
 from training.fitting.config import load_train_config
 from training.lifecycle.register import (
@@ -72,7 +73,8 @@ def prepare_demo(workdir: Path, n_items: int = 2000, n_users: int = 600, config:
 
         result = train(dataset.catalog, dataset.interactions, workdir / "runs", cfg, progress_bar=True)
         out.print(describe_training(result))
-        version = register_encoder(result.encoder_dir, result.run_id, result.metrics)
+        version = register_encoder(result.encoder_dir, result.run_id, result.metrics,
+                                   trained_on=read_interactions(dataset.interactions))
     index_root = workdir / "index"
     index_version = current_index_for(index_root, version)
     if index_version is not None:

@@ -15,8 +15,9 @@ from embed.load import load_encoder
 from index.config import IndexConfig
 from index.publish import find_version_for_model, load_version, read_current
 from onetower.cli import app
+from training.data.catalog import read_interactions
 from training.lifecycle.refresh import STATE_FILE, STEPS
-from training.lifecycle.register import ensure_experiment, metric_tag, register_encoder
+from training.lifecycle.register import SPLIT_TAG, ensure_experiment, metric_tag, register_encoder
 from training.reindex.job import reindex
 
 from .conftest import N_ITEMS, Trained
@@ -28,7 +29,8 @@ def test_refresh_registers_reindexes_promotes_by_rule_and_resumes(trained: Train
     mlflow.set_tracking_uri(trained.tracking_uri)
     registry = MlflowClient(trained.tracking_uri)
     run = registry.create_run(ensure_experiment("onetower-tests"))
-    champion = register_encoder(trained.encoder_dir, run.info.run_id, {"train_loss": 1.0}, model_name=MODEL)
+    champion = register_encoder(trained.encoder_dir, run.info.run_id, {"train_loss": 1.0}, model_name=MODEL,
+                                trained_on=read_interactions(trained.dataset.interactions))
     index_root = tmp_path / "index"
     ds = trained.dataset
     reindex(ds.catalog, load_encoder(trained.encoder_dir), MODEL, champion, index_root, IndexConfig(kind="flat"))
@@ -69,6 +71,9 @@ def test_refresh_registers_reindexes_promotes_by_rule_and_resumes(trained: Train
     for version, value in ((champion, before), (candidate, after)):
         tags = registry.get_model_version(MODEL, version).tags
         assert float(tags[metric_tag("recall@20")]) == pytest.approx(value, abs=1e-5)
+        assert tags[SPLIT_TAG] == steps["split"]["fingerprint"]
+    # the synthetic holdout's cold items were never in the champion's training interactions: nothing dropped
+    assert steps["split"]["fair"] and "dropped" not in steps["split"]["held_out"]
     # the candidate's index is published and verifies, with every catalog item
     index_version = find_version_for_model(index_root, candidate)
     assert index_version == steps["reindex"]["index_version"]

@@ -124,7 +124,8 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
     Returns:
         What `out_dir/metrics.json` holds: {"preset", "seeds", "ks", "models": {name: {"recall@20",
         "recall@20_ci", "ndcg@20", ..., "groups": {...}}}, "paired": {baseline: {"recall@20_diff",
-        "recall@20_diff_ci", ...}}, ...}, plus "files" written.
+        "recall@20_diff_ci", ...}}, "split": {"catalog", "train", "holdout"} (the files scored), ...}, plus
+        "files" written.
     """
     data = EvalData.from_dir(Path(data)) if not isinstance(data, EvalData) else data
     unknown = sorted(set(models) - set(MODELS))
@@ -141,6 +142,7 @@ def run_evaluation(data: Path | EvalData, out_dir: Path, config: TrainConfig, mo
                                        recipe)
     metrics = _summary(runs, info, groups, items, split, config, seeds, ks, n_bootstrap, preset)
     metrics["recipe"] = asdict(recipe)
+    metrics["split"] = {"catalog": str(data.catalog), "train": str(split.train_path), "holdout": str(split.holdout_path)}
     metrics["oracles"] = _oracles(data, items, split, ks, n_bootstrap, seeds[0], groups)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     train_ids = set(split.train["item_id"].cast(pl.String).to_list())
@@ -171,11 +173,12 @@ class Recipe:
 
 @dataclass(frozen=True)
 class _Split:
-    """The training interactions (file and frame) and the holdout frame of one evaluation."""
+    """The training interactions (file and frame) and the holdout (file and frame) of one evaluation."""
 
     train_path: Path
     train: pl.DataFrame
     holdout: pl.DataFrame
+    holdout_path: Path
 
 
 def _score_models(data: EvalData, split: _Split, items: Sequence[Item], out_dir: Path, config: TrainConfig,
@@ -258,13 +261,14 @@ def _train_holdout(data: EvalData, out_dir: Path, holdout_items: float | None, s
         if data.holdout is None:
             raise ValueError(f"no holdout interactions beside {data.interactions}: pass holdout_items "
                              "(a fraction of items to hold out as cold)")
-        return _Split(data.interactions, read_interactions(data.interactions), read_interactions(data.holdout))
+        return _Split(data.interactions, read_interactions(data.interactions), read_interactions(data.holdout),
+                      data.holdout)
     if data.holdout is not None:
         raise ValueError(f"{data.holdout} already holds out cold items; holdout_items={holdout_items} would "
                          "hold out more: pass one or the other")
     train_frame, holdout_frame = split_holdout_items(read_interactions(data.interactions), holdout_items, seed)
-    train_path, _ = write_split(train_frame, holdout_frame, out_dir / "split")
-    return _Split(train_path, train_frame, holdout_frame)
+    train_path, holdout_path = write_split(train_frame, holdout_frame, out_dir / "split")
+    return _Split(train_path, train_frame, holdout_frame, holdout_path)
 
 
 def _model_vectors(name: str, seed: int, catalog: Path, train_path: Path, train_frame: pl.DataFrame,

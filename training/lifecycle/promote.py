@@ -14,6 +14,7 @@ from training.lifecycle.register import (
     DEFAULT_ALIAS,
     HISTORY_TAG,
     MODEL_NAME,
+    SPLIT_TAG,
     alias_history,
     alias_version,
     metric_tag,
@@ -22,7 +23,7 @@ from training.lifecycle.register import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRIC = "recall@20"  # tagged on versions (see register.metric_tag) by `onetower evaluate`
+DEFAULT_METRIC = "recall@20"  # tagged on versions (register.tag_evaluation) by `evaluate --register-version`
 REPORTED = ("recall@20", "ndcg@20", "recall@50")  # what `refresh` tags on both versions; DEFAULT_METRIC decides
 
 
@@ -38,19 +39,46 @@ class AliasMove:
     index_version: str
 
 
-def _version_metric(client: MlflowClient, name: str, version: str, metric: str) -> float | None:
+@dataclass(frozen=True)
+class _Score:
+    value: float | None
+    split: str | None  # fingerprint of the split it was measured on; None: not recorded
+
+
+def _version_score(client: MlflowClient, name: str, version: str, metric: str) -> _Score:
     tags = client.get_model_version(name, version).tags
     value = tags.get(metric_tag(metric))
-    return float(value) if value is not None else None
+    return _Score(float(value) if value is not None else None, tags.get(SPLIT_TAG))
+
+
+def check_scores(client: MlflowClient, model_name: str, version: str, previous: str, alias: str, metric: str) -> None:
+    """Raise PromotionError unless `version`'s recorded `metric` is at least `previous`'s, both measured on
+    the same split (a champion with no recorded metric has nothing to compare against)."""
+    ours, theirs = (_version_score(client, model_name, v, metric) for v in (version, previous))
+    if ours.value is None:
+        raise PromotionError(f"version {version} has no recorded {metric}: evaluate it, or pass --force")
+    if theirs.value is None:
+        return
+    if ours.split is None or ours.split != theirs.split:
+        def where(score: _Score) -> str:
+            return f"split {score.split[:12]}" if score.split else "an unrecorded split"
+        raise PromotionError(
+            f"version {version}'s {metric} was measured on {where(ours)}, @{alias} version "
+            f"{previous}'s on {where(theirs)}: numbers from different holdouts do not compare; score both on "
+            f"one holdout (`onetower evaluate ... --register-version {previous},{version}`) or pass --force")
+    if ours.value < theirs.value:
+        raise PromotionError(f"version {version} has {metric}={ours.value:.4f} < @{alias} version {previous}'s "
+                             f"{theirs.value:.4f} (split {ours.split[:12]}); pass --force to promote anyway")
 
 
 def promote(version: str, index_root: Path, model_name: str = MODEL_NAME, alias: str = DEFAULT_ALIAS,
             metric: str = DEFAULT_METRIC, force: bool = False, client: MlflowClient | None = None) -> AliasMove:
     """Point `alias` at `version` once its index is published (and verifies) and its recorded
-    `metric` is at least the current holder's; `force` skips the metric check only.
+    `metric` is at least the current holder's, measured on the same split; `force` skips the metric check only.
 
     Raises:
-        PromotionError: no verified index for the version, or a worse (or missing) metric.
+        PromotionError: no verified index for the version, a worse (or missing) metric, or metrics measured
+            on different splits.
     """
     client = client or MlflowClient()
     client.get_model_version(model_name, version)  # raises if the version does not exist
@@ -63,12 +91,7 @@ def promote(version: str, index_root: Path, model_name: str = MODEL_NAME, alias:
     if previous == version:
         return AliasMove(alias, previous, version, index_version)
     if previous is not None and not force:
-        ours, theirs = (_version_metric(client, model_name, v, metric) for v in (version, previous))
-        if ours is None:
-            raise PromotionError(f"version {version} has no recorded {metric}: evaluate it, or pass --force")
-        if theirs is not None and ours < theirs:
-            raise PromotionError(f"version {version} has {metric}={ours:.4f} < @{alias} version {previous}'s "
-                                 f"{theirs:.4f}; pass --force to promote anyway")
+        check_scores(client, model_name, version, previous, alias, metric)
     move_alias(client, model_name, alias, version)
     logger.info("@%s: version %s -> %s (index %s)", alias, previous, version, index_version)
     return AliasMove(alias, previous, version, index_version)

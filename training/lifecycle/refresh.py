@@ -4,11 +4,14 @@ Steps, each recorded in `workdir/refresh-state.json` once it finishes, so a reru
 skips what is done (and a rerun of a finished refresh only prints its summary again):
 
 1. `champion`  resolve the alias (weights and the tokenizer saved with them).
-2. `split`     the held-out interactions: a given holdout file, or a fraction of items held out.
+2. `split`     the held-out items: items new since the champion was trained, never in its training
+               interactions (recorded at registration), or a given holdout file less such items; none:
+               refuse, unless `force` (a loud, warm fallback). See `training.lifecycle.holdout`.
 3. `train`     Lightning fine-tune from the champion's weights with its tokenizer (resumes from the
                last checkpoint); the vocabulary stays the champion's, so ids and tokens agree.
-4. `evaluate`  champion and candidate, the cold-start protocol of `training.evaluation.run`, same split.
-5. `register`  the candidate as a new version (no alias), both versions tagged with this split's metric.
+4. `evaluate`  champion and candidate through one function (`scoring.score_encoder`), same split.
+5. `register`  the candidate as a new version (no alias) with what it trained on; both versions tagged
+               with their metrics and this split's fingerprint.
 6. `reindex`   the catalog with the candidate; the live-write log is left whole (not folded), so the
                service keeps every acknowledged write whichever version ends up serving.
 7. `promote`   `training.promote.promote` (index published and metric at least the champion's;
@@ -33,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pytorch_lightning as pl
+import polars as pl
+import pytorch_lightning as ptl
 from mlflow import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 from rich.table import Table
@@ -43,20 +47,15 @@ from index.config import IndexConfig
 from index.publish import find_version_for_model, read_current, set_current
 from training.data.catalog import iter_items, read_catalog, read_interactions
 from training.data.features import ItemFeatures
-from training.evaluation.metrics import DEFAULT_KS, evaluate_embeddings
-from training.evaluation.run import embed_catalog
-from training.evaluation.split import split_holdout_items, write_split
+from training.evaluation.split import write_split
 from training.fitting.config import TrainConfig
 from training.fitting.stages import init_from
 from training.fitting.train import build_trainer, recommendation_setup
+from training.lifecycle.holdout import choose_holdout
+from training.lifecycle.lineage import trained_items
 from training.lifecycle.promote import DEFAULT_METRIC, REPORTED, PromotionError, promote
-from training.lifecycle.register import (
-    DEFAULT_ALIAS,
-    MODEL_NAME,
-    register_encoder,
-    resolve_model,
-    tag_evaluation,
-)
+from training.lifecycle.register import DEFAULT_ALIAS, MODEL_NAME, register_encoder, resolve_model
+from training.lifecycle.scoring import EvalSplit, record_scores, score_encoder
 from training.reindex.job import DEFAULT_KEEP_VERSIONS, reindex
 
 logger = logging.getLogger(__name__)
@@ -75,12 +74,12 @@ class RefreshConfig:
     workdir: Path  # state file, split, checkpoints, candidate encoder, model cache
     index_root: Path
     train: TrainConfig
-    holdout: Path | None = None  # held-out interactions; None: hold out `holdout_fraction` of the items
+    holdout: Path | None = None  # held-out interactions; None: hold out items new since the champion trained
     holdout_fraction: float = 0.1
     model_name: str = MODEL_NAME
     alias: str = DEFAULT_ALIAS
     metric: str = DEFAULT_METRIC
-    force: bool = False  # promote even if the metric is worse (also on a rerun after a refusal)
+    force: bool = False  # promote even if the metric is worse (also on a rerun after a refusal) or warm
     dry_run: bool = False  # stop after `evaluate`: nothing is registered, published or promoted
     index_config: IndexConfig = field(default_factory=IndexConfig)
     keep_versions: int = DEFAULT_KEEP_VERSIONS
@@ -148,7 +147,8 @@ def _fingerprint(config: RefreshConfig) -> dict[str, str]:
     if config.holdout is not None:
         files["holdout"] = config.holdout
     out = {name: _sha256(path) for name, path in files.items()}
-    return {**out, "model": f"{config.model_name}@{config.alias}", "index_root": str(config.index_root.resolve())}
+    return {**out, "model": f"{config.model_name}@{config.alias}", "index_root": str(config.index_root.resolve()),
+            "state_format": "2"}  # 2: the split records its fingerprint and fairness
 
 
 def _sha256(path: Path) -> str:
@@ -190,18 +190,26 @@ def _champion(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) 
 
 
 def _split(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> dict[str, Any]:
-    if config.holdout is not None:
-        return {"train": str(config.interactions), "holdout": str(config.holdout), "held_out": "given"}
-    train_frame, holdout_frame = split_holdout_items(read_interactions(config.interactions),
-                                                     config.holdout_fraction, config.train.seed)
-    train_path, holdout_path = write_split(train_frame, holdout_frame, config.workdir / "split")
-    return {"train": str(train_path), "holdout": str(holdout_path), "held_out": f"{config.holdout_fraction:.0%} of items"}
+    """Hold out what neither model saw (training.lifecycle.holdout); record the split's fingerprint."""
+    champion = steps["champion"]["version"]
+    seen = trained_items(MlflowClient(), config.model_name, champion)
+    given = read_interactions(config.holdout) if config.holdout is not None else None
+    chosen = choose_holdout(read_interactions(config.interactions), given, seen, config.holdout_fraction,
+                            config.train.seed, champion, config.force)
+    train_path, holdout_path = write_split(chosen.train, chosen.holdout, config.workdir / "split")
+    split = EvalSplit.of(_catalog_ids(config), chosen.train, chosen.holdout, chosen.description)
+    return {"train": str(train_path), "holdout": str(holdout_path), "held_out": chosen.description,
+            "fair": chosen.fair, "fingerprint": split.fingerprint}
+
+
+def _catalog_ids(config: RefreshConfig) -> list[str]:
+    return read_catalog(config.catalog)["item_id"].cast(pl.String).to_list()
 
 
 def _train(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> dict[str, Any]:
     """Fine-tune from the champion's weights, with its tokenizer and architecture."""
     cfg = config.train
-    pl.seed_everything(cfg.seed, workers=True)
+    ptl.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(Path(steps["champion"]["directory"]))
     items = list(iter_items(read_catalog(config.catalog), config.catalog.parent))
     features = ItemFeatures(items, tokenizer, model.config)
@@ -228,18 +236,17 @@ def _train(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> 
 
 
 def _evaluate(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) -> dict[str, Any]:
-    """Both encoders through the serving path, scored on the same train/holdout split."""
+    """Both encoders (the champion's registered one, the candidate's) through `score_encoder`, same split."""
     items = list(iter_items(read_catalog(config.catalog), config.catalog.parent))
-    item_ids = [it.item_id for it in items]
-    train_frame = read_interactions(Path(steps["split"]["train"]))
-    holdout_frame = read_interactions(Path(steps["split"]["holdout"]))
+    sp = steps["split"]
+    split = EvalSplit.read([it.item_id for it in items], Path(sp["train"]), Path(sp["holdout"]), sp["held_out"])
+    if split.fingerprint != sp["fingerprint"]:
+        raise ValueError(f"the split files under {config.workdir / 'split'} changed since the split step")
     out: dict[str, Any] = {}
     for name, directory in (("champion", steps["champion"]["directory"]), ("candidate", steps["train"]["encoder_dir"])):
-        vectors = embed_catalog(Path(directory), items)
-        result = evaluate_embeddings(vectors, item_ids, train_frame, holdout_frame, DEFAULT_KS, n_bootstrap=100,
-                                     seed=config.train.seed)
-        out[name] = {k: result[k] for k in REPORTED}
-        out["n_users"] = result["n_users"]
+        scores = score_encoder(Path(directory), items, split, seed=config.train.seed)
+        out["n_users"] = scores.pop("n_users")
+        out[name] = scores
     return out
 
 
@@ -250,12 +257,14 @@ def _register(config: RefreshConfig, steps: dict[str, Any], progress_bar: bool) 
     # a crash after registering but before the state was saved: reuse that version, do not register twice
     earlier = client.search_model_versions(f"name='{config.model_name}' and run_id='{run_id}'")
     version = str(earlier[0].version) if earlier else register_encoder(
-        Path(steps["train"]["encoder_dir"]), run_id, {**ev["candidate"], "train_loss": steps["train"]["train_loss"]},
-        model_name=config.model_name, alias=None)
+        Path(steps["train"]["encoder_dir"]), run_id, {"train_loss": steps["train"]["train_loss"]},
+        model_name=config.model_name, alias=None, trained_on=read_interactions(Path(steps["split"]["train"])))
     # promote() compares recorded tags: record the champion's score on this very split beside the candidate's
-    note = {"refresh": str(config.workdir.resolve()), "n_users": ev["n_users"]}
+    sp = steps["split"]
+    note = {"refresh": str(config.workdir.resolve()), "n_users": ev["n_users"], "held_out": sp["held_out"],
+            "fair": sp["fair"]}
     for v, who in ((steps["champion"]["version"], "champion"), (version, "candidate")):
-        tag_evaluation(client, config.model_name, v, ev[who], REPORTED, note)
+        record_scores(client, config.model_name, v, ev[who], sp["fingerprint"], note)
     return {"version": version}
 
 
@@ -308,7 +317,10 @@ def summary_table(result: RefreshResult, config: RefreshConfig) -> Table:
             mark = " *" if key == config.metric else ""
             delta = ev["candidate"][key] - ev["champion"][key]
             table.add_row(f"{key}{mark}", f"{ev['champion'][key]:.4f}", f"{ev['candidate'][key]:.4f} ({delta:+.4f})")
-        table.add_row("evaluated users", str(ev["n_users"]), f"holdout: {s['split']['held_out']}")
+        table.add_row("evaluated users", str(ev["n_users"]), f"split {s['split']['fingerprint'][:12]}")
+    if "split" in s:
+        warm = "" if s["split"]["fair"] else "[red]"
+        table.add_row("holdout", "", f"{warm}{s['split']['held_out']}")
     tr = s.get("train", {})
     if tr:
         table.add_row("fine-tuning", "", f"{tr['steps']} steps, loss {tr['train_loss']:.4f}, "

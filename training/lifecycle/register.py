@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import polars as pl
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from embed import load as embed_load
+from training.lifecycle.lineage import record_trained_on
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "onetower-encoder"
 DEFAULT_ALIAS = "champion"
 EVALUATION_TAG = "onetower.evaluation"  # JSON: where and on what a version's metric tags were measured
+SPLIT_TAG = "eval.split"  # the fingerprint (lineage.split_fingerprint) of the split the metric tags were measured on
 HISTORY_TAG = "onetower.alias_history.{alias}"  # registered-model tag: JSON list of earlier holders
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 EMBED_PACKAGE = Path(embed_load.__file__).parent
@@ -41,11 +44,16 @@ def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
 
 
 def register_encoder(encoder_dir: Path, run_id: str, metrics: dict[str, float], model_name: str = MODEL_NAME,
-                     alias: str | None = DEFAULT_ALIAS) -> str:
+                     alias: str | None = DEFAULT_ALIAS, trained_on: pl.DataFrame | None = None) -> str:
     """Log the encoder as a pyfunc model from code in `run_id`, register it, and point `alias` at it.
 
     The version carries `config.json`, `weights.safetensors` and `tokenizer.json` (artifact
-    `encoder`), the `embed` package as code, and the metrics as tags.
+    `encoder`), the `embed` package as code, and the metrics as tags (training metrics: evaluation
+    scores go through `tag_evaluation`, with the split they were measured on).
+
+    Args:
+        trained_on: the interactions it trained on, recorded as `trained_on.*` tags and the item ids
+            (lineage.py), so `onetower refresh` can hold out items this version never saw.
 
     Returns:
         The new registered version, as a string.
@@ -65,6 +73,8 @@ def register_encoder(encoder_dir: Path, run_id: str, metrics: dict[str, float], 
     client = MlflowClient()
     for key, value in metrics.items():
         client.set_model_version_tag(model_name, version, metric_tag(key), f"{value:.6g}")
+    if trained_on is not None:
+        record_trained_on(client, model_name, version, run_id, trained_on)
     if alias:
         move_alias(client, model_name, alias, version)
     logger.info("registered %s version %s%s", model_name, version, f" as @{alias}" if alias else "")
@@ -77,12 +87,16 @@ def metric_tag(metric: str) -> str:
 
 
 def tag_evaluation(client: MlflowClient, name: str, version: str, metrics: Mapping[str, float],
-                   keys: Iterable[str], note: Mapping[str, Any]) -> None:
-    """Record a version's evaluation as tags `promote` reads: each of `keys` in `metrics`, and `note` (JSON)."""
+                   keys: Iterable[str], split: str, note: Mapping[str, Any]) -> None:
+    """Record a version's evaluation as tags `promote` reads: each of `keys` in `metrics`, the fingerprint
+    of the `split` they were measured on, and `note` (JSON)."""
+    if SPLIT_TAG in client.get_model_version(name, version).tags:  # a crash mid-way leaves no split: not comparable
+        client.delete_model_version_tag(name, version, SPLIT_TAG)
     for key in keys:
         if key in metrics:
             client.set_model_version_tag(name, version, metric_tag(key), f"{metrics[key]:.6g}")
-    client.set_model_version_tag(name, version, EVALUATION_TAG, json.dumps(dict(note)))
+    client.set_model_version_tag(name, version, SPLIT_TAG, split)
+    client.set_model_version_tag(name, version, EVALUATION_TAG, json.dumps({**note, "split": split}))
 
 
 def alias_history(client: MlflowClient, name: str, alias: str) -> list[str]:

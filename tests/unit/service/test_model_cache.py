@@ -11,7 +11,7 @@ import pytest
 from index.config import IndexConfig
 from index.ids import IdMap
 from index.publish import publish_index
-from service.cli import REGISTRY_HTTP_DEFAULTS, bound_registry_downloads
+from onetower.serve_cli import REGISTRY_HTTP_DEFAULTS, bound_registry_downloads
 from service.registry import ModelRef, cached_model
 
 

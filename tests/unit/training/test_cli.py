@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from embed.load import load_encoder
 from index.publish import load_version
-from training.cli import app
+from onetower.cli import app
+from onetower.settings import SETTINGS
 from training.data.catalog import iter_items, read_catalog
 from training.data.synthetic import SynthDataset
 from training.demo import prepare_demo
@@ -25,9 +26,7 @@ from training.lifecycle.register import MODEL_NAME
 N_ITEMS, N_USERS, STEPS = 120, 60, 4
 runner = CliRunner()
 # settings from the environment would override the flags' defaults under test
-CLEAN_ENV: dict[str, str | None] = {
-    name: None for name in ("MLFLOW_TRACKING_URI", "ONETOWER_TRACKING_URI", "ONETOWER_MODEL", "ONETOWER_INDEX_ROOT",
-                            "ONETOWER_CATALOG", "ONETOWER_INTERACTIONS", "ONETOWER_TRAIN_CONFIG", "ONETOWER_DATA")}
+CLEAN_ENV: dict[str, str | None] = {name: None for s in SETTINGS for name in s.envvars}
 
 
 def flat(text: str) -> str:

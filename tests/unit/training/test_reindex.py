@@ -322,7 +322,7 @@ def test_the_reindex_command_runs_the_ray_engine(base: Base, tmp_path: Path, ray
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from training.cli import app
+    from onetower.cli import app
 
     monkeypatch.chdir(tmp_path)  # the default sqlite tracking store goes here
     result = CliRunner().invoke(app, ["reindex", "--catalog", str(base.catalog), "--index-root", str(tmp_path / "ix"),

@@ -15,10 +15,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from embed.encoder import Precision
+from onetower.settings import (
+    CATALOG,
+    DEFAULT_MODEL_URI,
+    HOST,
+    INDEX_ROOT,
+    MAX_CONCURRENT_RPCS,
+    METRICS_HOST,
+    PRECISION,
+    TARGET,
+    IndexRootOpt,
+    LogFormatOpt,
+    MetricsPortOpt,
+    ModelOpt,
+    PortOpt,
+    PrecisionOpt,
+    TargetOpt,
+    TokenOpt,
+    TrackingOpt,
+)
 from service.client import Client, Neighbor
 from service.config import DEFAULT_PORT, ServiceConfig
-from service.logs import FORMATS, set_format
+from service.logs import set_format
 from service.server import RunningServer, start_server
 
 logger = logging.getLogger(__name__)
@@ -26,51 +44,30 @@ console = Console()
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
-ModelOpt = Annotated[str, typer.Option(
-    "--model", envvar="ONETOWER_MODEL",
-    help="Registry reference (models:/NAME@ALIAS or models:/NAME/VERSION) or a local encoder directory.")]
-IndexOpt = Annotated[Path, typer.Option(
-    "--index-root", envvar="ONETOWER_INDEX_ROOT", help="Folder that `onetower reindex` publishes into.")]
-TrackingOpt = Annotated[str | None, typer.Option(
-    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking/registry URI, e.g. sqlite:///mlflow.db.")]
-PortOpt = Annotated[int, typer.Option("--port", envvar="ONETOWER_PORT", help="gRPC port (0 picks a free one).")]
-TargetOpt = Annotated[str, typer.Option("--target", envvar="ONETOWER_TARGET", help="host:port of a running server.")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="ONETOWER_AUTH_TOKEN",
-                                              help="Bearer token, when the server requires one.")]
 
-
+# long: typer declares each option in the signature; the body is parse -> call -> print
 @app.command()
 def serve(
-    model: ModelOpt = "models:/onetower-encoder@champion",
-    index_root: IndexOpt = Path("index"),
+    model: ModelOpt = DEFAULT_MODEL_URI,
+    index_root: IndexRootOpt = INDEX_ROOT.default,
     tracking_uri: TrackingOpt = None,
-    host: Annotated[str, typer.Option(envvar="ONETOWER_HOST", help="Interface to bind; 0.0.0.0 for all.")]
-    = "127.0.0.1",
+    host: Annotated[str, HOST.option()] = HOST.default,
     port: PortOpt = DEFAULT_PORT,
     workers: Annotated[int, typer.Option(help="gRPC handler threads.")] = 8,
     poll_seconds: Annotated[float, typer.Option(
         help="How often to look for a new model alias / published index pair (0: never).")] = 30.0,
-    metrics_port: Annotated[int | None, typer.Option(
-        envvar="ONETOWER_METRICS_PORT", help="Serve Prometheus /metrics on this HTTP port.")] = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_host: Annotated[str | None, METRICS_HOST.option()] = None,
     cache_dir: Annotated[Path, typer.Option(help="Where registry model files are downloaded.")]
     = Path(".onetower-cache"),
-    auth_token: Annotated[str | None, typer.Option(
-        envvar="ONETOWER_AUTH_TOKEN", help="Require `authorization: Bearer TOKEN` on every RPC but health.")]
-    = None,
+    auth_token: TokenOpt = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS only.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
-    max_concurrent_rpcs: Annotated[int | None, typer.Option(
-        envvar="ONETOWER_MAX_CONCURRENT_RPCS", min=1,
-        help="Refuse calls beyond this many in flight at once with RESOURCE_EXHAUSTED (health is exempt).")]
-    = None,
+    max_concurrent_rpcs: Annotated[int | None, MAX_CONCURRENT_RPCS.option(min=1)] = None,
     registry_timeout: Annotated[float, typer.Option(
         help="Seconds the watcher waits for the registry per poll (one try; requests never wait).")] = 5.0,
-    precision: Annotated[Precision, typer.Option(
-        envvar="ONETOWER_PRECISION",
-        help="Encoder arithmetic: fp32, bf16 (about 2x faster on CPUs with AVX-512 BF16 or AMX; vectors within "
-             "~1e-3 cosine of fp32), or auto (bf16 only where the hardware has it).")] = Precision.fp32,
-    log_format: Annotated[str | None, typer.Option(
-        envvar="ONETOWER_LOG_FORMAT", help=f"Log lines on stderr: {' or '.join(FORMATS)}.")] = None,
+    precision: PrecisionOpt = PRECISION.default,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Serve the gRPC API for the model the registry alias names and the index published for it.
 
@@ -86,9 +83,9 @@ def serve(
     bound_registry_downloads()
     config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
                            workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
-                           cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                           max_concurrent_rpcs=max_concurrent_rpcs, registry_timeout_s=registry_timeout,
-                           precision=precision.value)
+                           metrics_host=metrics_host, cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert,
+                           tls_key=tls_key, max_concurrent_rpcs=max_concurrent_rpcs,
+                           registry_timeout_s=registry_timeout, precision=precision.value)
     running = start_server(config)
     console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
     serve_until_signal(running)
@@ -147,12 +144,12 @@ def neighbours_table(query: str, neighbours: list[Neighbor], titles: dict[str, s
 def query(
     item_id: Annotated[list[str], typer.Argument(help="One or more item ids to find neighbours for.")],
     k: Annotated[int, typer.Option("-k", help="Neighbours per item (1..1000).")] = 10,
-    target: TargetOpt = f"127.0.0.1:{DEFAULT_PORT}",
-    catalog: Annotated[Path | None, typer.Option(help="Catalog parquet, to show titles beside ids.")] = None,
+    target: TargetOpt = TARGET.default,
+    catalog: Annotated[Path | None, CATALOG.option(dir_okay=False)] = None,
     timeout: Annotated[float, typer.Option(help="Deadline per call, seconds.")] = 10.0,
     token: TokenOpt = None,
 ) -> None:
-    """Ask a running server for the items most similar to ITEM_ID (never the item itself).
+    """Ask a running server for the items most similar to ITEM_ID (never the item itself); --catalog shows titles.
 
     Example:
 
@@ -172,7 +169,7 @@ def query(
 
 
 @app.command()
-def info(target: TargetOpt = f"127.0.0.1:{DEFAULT_PORT}",
+def info(target: TargetOpt = TARGET.default,
          timeout: Annotated[float, typer.Option(help="Deadline, seconds.")] = 10.0, token: TokenOpt = None) -> None:
     """Show what a running server serves: model name, version and alias, index version, kind, size."""
     with Client(target, timeout=timeout, token=token) as client:

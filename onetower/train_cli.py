@@ -1,7 +1,7 @@
 """The offline commands: `synth`, `train` and `reindex` (parse the options, call the library, print the result).
 
-The jobs they run live in the rooms of `training/`: data, fitting, lifecycle, reindex; `demo.py` holds
-the demo's steps. Logging is configured once by the `onetower` command.
+The jobs they run live in the rooms of `training/`: data, fitting, lifecycle, reindex; `training/demo.py`
+holds the demo's steps. Logging is configured once by the `onetower` command.
 """
 
 from __future__ import annotations
@@ -12,10 +12,30 @@ from typing import Annotated
 import typer
 from mlflow.exceptions import MlflowException
 
-from embed.encoder import Precision
 from index.config import HnswStorage, IndexConfig, IndexKind
+from onetower.settings import (
+    DATA,
+    DEFAULT_MODEL_URI,
+    DEVICE,
+    ENGINE,
+    EXPERIMENT,
+    HNSW_STORAGE,
+    INDEX_KIND,
+    INDEX_ROOT,
+    PRECISION,
+    RAY_ADDRESS,
+    RUNS,
+    TRAIN_CONFIG,
+    CatalogOpt,
+    IndexRootOpt,
+    InteractionsOpt,
+    ModelOpt,
+    PrecisionOpt,
+    TrackingOpt,
+    TrainConfigOpt,
+)
 from training.console import console, progress_bar
-from training.data.catalog import CatalogError
+from training.data.catalog import CatalogError, read_interactions
 from training.data.synthetic import SynthConfig, generate
 from training.demo import synth_summary
 from training.fitting.config import load_train_config
@@ -26,14 +46,8 @@ from training.lifecycle.register import (
     register_encoder,
     resolve_model,
 )
-from training.lifecycle.tracking import DEFAULT_MODEL_URI, use_tracking
+from training.lifecycle.tracking import use_tracking
 from training.reindex.driver import Engine, RayOptions, describe_reindex, pick_device, run_reindex
-
-TRACKING_ENV = ["ONETOWER_TRACKING_URI", "MLFLOW_TRACKING_URI"]
-CatalogOpt = Annotated[Path, typer.Option(envvar="ONETOWER_CATALOG", exists=True, dir_okay=False,
-                                          help="Catalog parquet (DESIGN.md schema).")]
-InteractionsOpt = Annotated[Path, typer.Option(envvar="ONETOWER_INTERACTIONS", exists=True, dir_okay=False,
-                                               help="Interactions parquet: user_id, item_id, ts, event, weight.")]
 
 app = typer.Typer(
     name="training",
@@ -52,7 +66,7 @@ def _fail(error: Exception) -> typer.Exit:
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Option(envvar="ONETOWER_DATA", help="Folder to write the dataset into.")],
+    out: Annotated[Path, DATA.option()],
     items: Annotated[int, typer.Option(min=10, help="Catalog size.")] = SynthConfig.n_items,
     users: Annotated[int, typer.Option(min=1, help="Users with interaction histories.")] = SynthConfig.n_users,
     seed: Annotated[int, typer.Option(min=0, help="Same seed, same files.")] = SynthConfig.seed,
@@ -80,21 +94,16 @@ def synth(
 def train_command(
     catalog: CatalogOpt,
     interactions: InteractionsOpt,
-    config: Annotated[str, typer.Option(envvar="ONETOWER_TRAIN_CONFIG",
-                                        help="Training YAML file, or a bundled name: demo, tiny, gpu.")] = "demo",
+    config: TrainConfigOpt = TRAIN_CONFIG.default,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Override the config's max_steps.")] = None,
     encoder: Annotated[str | None, typer.Option(
         help="Override the encoder size: tiny, demo, small, base (trained from scratch), or pretrained: frozen "
              "MiniLM and EfficientNet-Lite0 tokens under a trained fusion transformer (the baselines extra; "
              "their features are extracted once into OUT/feature-cache).")]
     = None,
-    out: Annotated[Path, typer.Option(envvar="ONETOWER_RUNS", help="Checkpoints and the saved encoder.")]
-    = Path("runs"),
-    tracking_uri: Annotated[str | None, typer.Option(
-        envvar=TRACKING_ENV, help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder).")]
-    = None,
-    experiment: Annotated[str | None, typer.Option(envvar="ONETOWER_EXPERIMENT",
-                                                   help="MLflow experiment (default: the config's).")] = None,
+    out: Annotated[Path, RUNS.option()] = RUNS.default,
+    tracking_uri: TrackingOpt = None,
+    experiment: Annotated[str | None, EXPERIMENT.option()] = None,
     register: Annotated[bool, typer.Option(help="Register the encoder as a new model version.")] = True,
     alias: Annotated[str, typer.Option(help="Alias to point at the new version ('' for none).")] = DEFAULT_ALIAS,
     stages: Annotated[str, typer.Option(
@@ -129,7 +138,8 @@ def train_command(
     [cyan]onetower train --catalog c.parquet --interactions i.parquet --trainer.devices 2 --trainer.accelerator cpu[/]
     (2 DDP processes; only rank 0 saves and registers)
 
-    Without --tracking-uri (or MLFLOW_TRACKING_URI) runs go to ./mlflow.db with artifacts in ./mlartifacts.
+    Without --tracking-uri (or ONETOWER_TRACKING_URI, MLFLOW_TRACKING_URI) runs go to ./mlflow.db with artifacts
+    in ./mlartifacts.
     The new version of onetower-encoder gets the alias (default champion), which reindex and serve follow.
     """
     try:
@@ -164,7 +174,8 @@ def train_command(
         return  # another DDP process: rank 0 reports and registers the one model
     console.print(describe_training(result))
     if register:
-        version = register_encoder(result.encoder_dir, result.run_id, result.metrics, alias=alias or None)
+        version = register_encoder(result.encoder_dir, result.run_id, result.metrics, alias=alias or None,
+                                   trained_on=read_interactions(interactions))
         console.print(f"registered [bold]{MODEL_NAME}[/] version [bold green]{version}[/]"
                       + (f" as @{alias}" if alias else ""))
 
@@ -172,43 +183,23 @@ def train_command(
 # long: typer declares each option in the signature; the body is parse -> call -> print
 @app.command("reindex")
 def reindex_command(
-    catalog: Annotated[Path, typer.Option(envvar="ONETOWER_CATALOG", exists=True, dir_okay=False,
-                                          help="Catalog parquet to embed.")],
-    index_root: Annotated[Path, typer.Option(envvar="ONETOWER_INDEX_ROOT",
-                                             help="Where versions are published and CURRENT points.")],
-    model: Annotated[str, typer.Option(envvar="ONETOWER_MODEL",
-                                       help="models:/NAME@ALIAS, models:/NAME/VERSION or a local encoder folder.")]
-    = DEFAULT_MODEL_URI,
-    tracking_uri: Annotated[str | None, typer.Option(
-        envvar=TRACKING_ENV, help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder).")]
-    = None,
-    kind: Annotated[IndexKind, typer.Option(envvar="ONETOWER_INDEX_KIND", help="FAISS index kind.")]
-    = IndexKind.auto,
-    hnsw_storage: Annotated[HnswStorage, typer.Option(
-        envvar="ONETOWER_HNSW_STORAGE",
-        help="hnsw: the vectors the graph walks over. sq8 (8-bit codes, re-ranked against the fp32 vectors) "
-             "searched 1.15-1.5x faster than flat at recall 0.95, fp16 0.93-1.33x (docs/PERFORMANCE.md).")]
-    = HnswStorage.flat,
+    catalog: CatalogOpt,
+    index_root: IndexRootOpt = INDEX_ROOT.default,
+    model: ModelOpt = DEFAULT_MODEL_URI,
+    tracking_uri: TrackingOpt = None,
+    kind: Annotated[IndexKind, INDEX_KIND.option()] = INDEX_KIND.default,
+    hnsw_storage: Annotated[HnswStorage, HNSW_STORAGE.option()] = HNSW_STORAGE.default,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 64,
-    device: Annotated[str, typer.Option(envvar="ONETOWER_DEVICE", help="cpu, cuda, or auto.")] = "auto",
-    precision: Annotated[Precision, typer.Option(
-        envvar="ONETOWER_PRECISION",
-        help="Encoder arithmetic: fp32, bf16 (about 2x faster on CPUs with AVX-512 BF16 or AMX and on recent GPUs; "
-             "vectors within ~1e-3 cosine of fp32), or auto (bf16 only where the hardware has it). Serve with "
-             "the same setting.")] = Precision.fp32,
+    device: Annotated[str, DEVICE.option()] = DEVICE.default,
+    precision: PrecisionOpt = PRECISION.default,
     incremental: Annotated[bool, typer.Option(
         help="Re-embed only items whose content hash changed since the current index (same model version).")]
     = False,
     fold_log: Annotated[bool, typer.Option(help="Fold the live-write log into the new index, then trim it.")]
     = True,
     keep_versions: Annotated[int, typer.Option(min=0, help="Published versions kept on disk (0: all).")] = 3,
-    engine: Annotated[Engine, typer.Option(
-        envvar="ONETOWER_REINDEX_ENGINE",
-        help="Where items are embedded: this process, or Ray Data actors (needs the `distributed` extra).")]
-    = Engine.local,
-    address: Annotated[str | None, typer.Option(
-        envvar="RAY_ADDRESS", help="--engine ray: an existing Ray cluster (default: a local Ray for this job).")]
-    = None,
+    engine: Annotated[Engine, ENGINE.option()] = ENGINE.default,
+    address: Annotated[str | None, RAY_ADDRESS.option()] = None,
     ray_actors: Annotated[int, typer.Option(min=1, help="--engine ray: encoder actors, one model copy each.")] = 1,
     ray_cpus: Annotated[int, typer.Option(min=1, help="--engine ray: CPUs of the local Ray (without --address).")]
     = 2,
