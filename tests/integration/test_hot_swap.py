@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 from embed.load import load_encoder
 from index.config import IndexConfig
 from index.publish import read_current, set_current
+from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
 from service.server import RunningServer
 from service.snapshot import PairMismatchError
@@ -75,9 +77,52 @@ def test_swap_follows_alias_without_dropping_requests(swap_server: RunningServer
     assert not errors, errors[:3]
 
 
-def test_sigterm_style_stop_finishes_in_flight(swap_server: RunningServer) -> None:
-    with Client(f"127.0.0.1:{swap_server.port}") as c:
-        assert c.health_status() == "SERVING"
-    swap_server.stop(grace=2)
-    with Client(f"127.0.0.1:{swap_server.port}", timeout=2) as c, pytest.raises(grpc.RpcError):
-        c.info()
+def test_stop_lets_an_in_flight_call_finish_and_refuses_new_ones(swap_server: RunningServer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What SIGTERM does (serve_until_signal calls stop): a call already running completes with its answer."""
+    target = f"127.0.0.1:{swap_server.port}"
+    encoder = swap_server.holder.current.encoder
+    entered, release = threading.Event(), threading.Event()
+    real = encoder.encode_features
+
+    def gated(features):  # type: ignore[no-untyped-def]
+        entered.set()  # the call is inside the server, holding the encoder
+        assert release.wait(60)
+        return real(features)
+
+    monkeypatch.setattr(encoder, "encode_features", gated)
+    answers: list[object] = []
+    in_flight = threading.Thread(target=lambda: answers.append(_embed(target)))
+    in_flight.start()
+    assert entered.wait(30)
+    stopper = threading.Thread(target=swap_server.stop, kwargs={"grace": 60})
+    stopper.start()
+    with Client(target, timeout=2) as late:  # new calls are refused once stop has begun
+        deadline = time.monotonic() + 30
+        while _accepted(late):
+            assert time.monotonic() < deadline, "still accepting calls after stop()"
+    assert in_flight.is_alive() and stopper.is_alive()  # stop waits for the held call
+    release.set()
+    in_flight.join(30)
+    stopper.join(30)
+    assert not stopper.is_alive() and len(answers) == 1
+    response = answers[0]
+    assert isinstance(response, pb.EmbedItemsResponse), response  # the in-flight call got its answer, not an error
+    assert len(response.embeddings) == 1 and list(response.embeddings[0].modalities) == ["text"]
+
+
+def _embed(target: str) -> object:
+    """EmbedItems' response, or the RpcError it raised."""
+    with Client(target, timeout=60) as c:
+        try:
+            return c.embed([pb.Item(title="red leather bag")])
+        except grpc.RpcError as e:
+            return e
+
+
+def _accepted(client: Client) -> bool:
+    try:
+        client.info()
+    except grpc.RpcError:
+        return False
+    return True

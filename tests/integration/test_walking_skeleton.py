@@ -10,11 +10,16 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from embed.encoder import ItemEncoder
+from embed.load import load_encoder
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
+from training.data.catalog import iter_items, read_catalog
 from training.data.synthetic import load_traits
+from training.fitting.config import TrainConfig
+from training.fitting.train import prepare_features, recommendation_setup
 
-from .conftest import Trained
+from .conftest import STEPS, Trained
 
 
 def _png(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -98,3 +103,48 @@ def test_neighbours_share_traits_far_more_than_chance(client: Client, trained: T
     # the shared trait is in both modalities; the conjunction traits come from co-engagement
     assert lifts["category"] > 2.0, lifts
     assert np.mean(list(lifts.values())) > 1.5, lifts
+
+
+TEXT_TRAITS = ("brand", "material", "price_band")  # only in the title and description
+IMAGE_TRAITS = ("colour", "pattern", "shape")  # only in the picture
+
+
+def _offline_lifts(encoder: ItemEncoder, trained: Trained, sample_ids: list[str]) -> dict[str, float]:
+    """Per trait: P(a top-10 neighbour shares the query's value) / P(a random other item does); exact search."""
+    traits = load_traits(trained.dataset.root)
+    items = list(iter_items(read_catalog(trained.dataset.catalog), trained.dataset.catalog.parent))
+    vectors = encoder.encode(items)
+    row = {it.item_id: i for i, it in enumerate(items)}
+    scores = vectors[[row[i] for i in sample_ids]] @ vectors.T  # (Q, N)
+    scores[np.arange(len(sample_ids)), [row[i] for i in sample_ids]] = -np.inf  # never the query itself
+    top = np.argsort(-scores, axis=1)[:, :10]
+    values = {t: dict(zip(traits["item_id"], traits[t], strict=True)) for t in (*TEXT_TRAITS, *IMAGE_TRAITS)}
+    lifts = {}
+    for trait, of in values.items():
+        share = np.mean([of[items[n].item_id] == of[q] for q, nbrs in zip(sample_ids, top, strict=True) for n in nbrs])
+        freq = traits[trait].value_counts(normalize=True)["proportion"].to_numpy()
+        lifts[trait] = float(share / (freq ** 2).sum())
+    return lifts
+
+
+def test_training_lifts_the_text_traits_above_an_untrained_twin(trained: Trained) -> None:
+    """Learning is shown, not assumed: the same pipeline with the same seed, before any step, as the baseline."""
+    import pytorch_lightning as lightning
+
+    config = TrainConfig(encoder="tiny", max_steps=STEPS, batch_size=64, lr=3e-3, warmup_steps=10)  # as conftest's
+    lightning.seed_everything(config.seed, workers=True)  # what train() does before it builds the model
+    tokenizer, enc_config, features = prepare_features(trained.dataset.catalog, config)
+    module, _ = recommendation_setup(features, trained.dataset.interactions, enc_config, config, STEPS)
+    untrained = ItemEncoder(module.encoder.eval(), tokenizer)
+    done = load_encoder(trained.encoder_dir)
+    assert done.tokenizer.vocab_size == tokenizer.vocab_size  # the same vocabulary: only the weights differ
+    traits = load_traits(trained.dataset.root)
+    sample = traits.filter(pl.col("has_image") & pl.col("has_text")).head(150)["item_id"].to_list()
+    before, after = _offline_lifts(untrained, trained, sample), _offline_lifts(done, trained, sample)
+    print("lift untrained -> trained: " + ", ".join(f"{t} {before[t]:.2f} -> {after[t]:.2f}" for t in before))
+    # measured (seed 7 data, 150 steps): brand 1.15 -> 3.10, material 1.23 -> 3.46, price_band 1.07 -> 2.07
+    for trait in TEXT_TRAITS:
+        assert after[trait] > 1.3 * before[trait], (trait, before, after)
+    # Colour is reported, not required to rise: random patch projections already carry it (2.03 untrained)
+    # and co-engagement training traded a little of it away (1.89). It must not be lost.
+    assert after["colour"] > 0.8 * before["colour"], (before, after)

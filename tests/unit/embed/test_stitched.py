@@ -19,6 +19,8 @@ from embed.model import UnifiedEncoder
 from embed.stitched import StitchedEncoder, count_parameters, tower_width
 from embed.tokens import TextTokenizer
 
+from .conftest import CATALOG_TEXTS
+
 
 @pytest.mark.parametrize("size", ["tiny", "demo"])
 def test_parameter_count_matches_the_unified_encoder(size: str) -> None:
@@ -65,12 +67,30 @@ def test_saved_stitched_encoder_loads_as_stitched(stitched: StitchedEncoder, tok
     np.testing.assert_allclose(loaded.encode(items), before, atol=1e-6)
 
 
-def test_stitched_trains_through_the_recommendation_stage(tiny_config: EncoderConfig) -> None:
+def test_stitched_trains_through_the_recommendation_stage(tiny_config: EncoderConfig, tokenizer: TextTokenizer,
+                                                          random_png: Callable[[int], bytes]) -> None:
+    """Stage 3 as `onetower train` runs it (Lightning Trainer, co-engagement pairs): both towers and the head learn."""
+    import pytorch_lightning as pl
+
+    from training.data.features import ItemFeatures, PairCollator
     from training.fitting.stages import RecommendationStage
 
     config = dataclasses.replace(tiny_config, architecture="stitched")
-    stage = RecommendationStage(dataclasses.asdict(config), lr=1e-3, weight_decay=0.0, warmup_steps=1,
-                                max_steps=2, temperature=0.1)
-    assert isinstance(stage.encoder, StitchedEncoder)
     with pytest.raises(ValueError, match="architecture"):
         EncoderConfig(architecture="late")
+    pl.seed_everything(0)
+    stage = RecommendationStage(dataclasses.asdict(config), lr=1e-2, weight_decay=0.0, warmup_steps=1,
+                                max_steps=3, temperature=0.1)
+    assert isinstance(stage.encoder, StitchedEncoder)
+    items = [Item(f"i{n}", title=text, images=(random_png(n),)) for n, text in enumerate(CATALOG_TEXTS[:8])]
+    features = ItemFeatures(items, tokenizer, config)
+    pairs = [(0, 1), (2, 3), (4, 5), (6, 7), (1, 0), (3, 2), (5, 4), (7, 6)]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4, shuffle=False, collate_fn=PairCollator(features))
+    before = {name: p.detach().clone() for name, p in stage.encoder.named_parameters()}
+    trainer = pl.Trainer(max_steps=3, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(stage, loader)
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    moved = {name.split(".")[0] for name, p in stage.encoder.named_parameters()
+             if not torch.equal(p.detach(), before[name])}
+    assert moved == {"text", "image", "head"}  # gradients reach both towers through the fused vector

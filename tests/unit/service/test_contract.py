@@ -40,7 +40,10 @@ def test_similar_by_id_vector_and_item(client: Client, served: Served) -> None:
     by_id, by_vec = client.similar(item_ids=["item-001"], vectors=[vec], k=5)
     assert "item-001" not in {n.item_id for n in by_id}
     assert by_vec[0].item_id == "item-001"  # a vector query has no "self" to leave out
-    assert [n.item_id for n in by_id] == [n.item_id for n in by_vec[1:]] or len(by_id) == 5
+    # by id is the vector query without the query item: the same next four, in order, with the same scores
+    assert len(by_id) == 5 and len(by_vec) == 5
+    assert [n.item_id for n in by_id[:4]] == [n.item_id for n in by_vec[1:]]
+    assert [n.score for n in by_id[:4]] == pytest.approx([n.score for n in by_vec[1:]], abs=1e-5)
     item = served.items[2]
     resp = client.stub.SimilarItems(pb.SimilarItemsRequest(
         queries=[pb.Query(item=pb.Item(title=item.title, images=list(item.images)))], k=3))
@@ -54,8 +57,12 @@ def test_filters_exclusions_and_min_score(client: Client) -> None:
     first = client.similar(item_ids=["item-003"], k=3)[0]
     excluded = client.similar(item_ids=["item-003"], k=3, exclude=[first[0].item_id])[0]
     assert first[0].item_id not in {h.item_id for h in excluded}
-    high = client.similar(item_ids=["item-003"], k=50, min_score=0.999999)[0]
-    assert all(h.score >= 0.999999 for h in high)
+    ranked = client.similar(item_ids=["item-003"], k=50)[0]
+    assert len(ranked) == 50
+    cut = (ranked[4].score + ranked[5].score) / 2  # keeps the first five, unless they tie with the sixth
+    assert ranked[4].score > ranked[5].score
+    high = client.similar(item_ids=["item-003"], k=50, min_score=cut)[0]
+    assert [h.item_id for h in high] == [h.item_id for h in ranked[:5]]
 
 
 def test_recommend_for_user_excludes_history(client: Client) -> None:

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
 
-from .conftest import png
+from .conftest import N_ITEMS, png
+
+DIM = 64  # the served tiny encoder's
 
 ids = st.one_of(st.sampled_from(["item-001", "item-002", "item-010"]), st.text(max_size=300))
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
@@ -26,23 +28,62 @@ similar = st.builds(pb.SimilarItemsRequest, queries=st.lists(queries, max_size=4
                     filter=st.builds(pb.Filter, attributes_equal=st.dictionaries(
                         st.sampled_from(["category", "x"]), st.sampled_from(["bag", "shirt", ""]), max_size=2)),
                     min_score=floats)
+# well-formed requests (known ids, vectors of the served dim, text items, k within the test server's max_k)
+known = st.sampled_from([f"item-{i:03d}" for i in range(N_ITEMS)])
+unit_floats = st.floats(-1, 1, width=32)
+valid_queries = st.one_of(
+    st.builds(pb.Query, item_id=known),
+    st.builds(lambda v: pb.Query(vector=pb.Vector(values=[*v[:-1], 1.0])), st.lists(unit_floats, min_size=DIM,
+                                                                                   max_size=DIM)),
+    st.builds(lambda t: pb.Query(item=pb.Item(title=t)), st.sampled_from(["red leather bag", "blue lamp", "mug"])))
+valid_similar = st.builds(pb.SimilarItemsRequest, queries=st.lists(valid_queries, min_size=1, max_size=4),
+                          k=st.integers(1, 50), exclude_item_ids=st.lists(known, max_size=5),
+                          filter=st.builds(pb.Filter, attributes_equal=st.dictionaries(
+                              st.just("category"), st.sampled_from(["bag", "shirt", "lamp"]), max_size=1)),
+                          min_score=st.one_of(st.just(0.0), unit_floats))
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.FAILED_PRECONDITION}
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _call(method, request) -> None:  # type: ignore[no-untyped-def]
+def _call(method, request):  # type: ignore[no-untyped-def]
+    """The response, or None after checking that the refusal has an allowed code and a reason."""
     try:
-        method(request, timeout=20)
+        return method(request, timeout=20)
     except grpc.RpcError as e:
         assert e.code() in ALLOWED, (e.code(), e.details())
         assert ":" in e.details()  # "<reason>: <what to change>"
+        return None
 
 
 @SETTINGS
 @given(request=similar)
 def test_similar_items_never_unknown(client: Client, request: pb.SimilarItemsRequest) -> None:
-    _call(client.stub.SimilarItems, request)
+    response = _call(client.stub.SimilarItems, request)
+    if response is not None:
+        _check_answer(request, response)
+
+
+@SETTINGS
+@given(request=valid_similar)
+def test_similar_items_answers_keep_the_contract(client: Client, request: pb.SimilarItemsRequest) -> None:
+    response = client.stub.SimilarItems(request, timeout=20)  # well-formed: it must succeed
+    _check_answer(request, response)
+
+
+def _check_answer(request: pb.SimilarItemsRequest, response: pb.SimilarItemsResponse) -> None:
+    """At most k distinct neighbours per query, best first, above min_score, none excluded, never the query item."""
+    assert len(response.results) == len(request.queries)
+    for query, result in zip(request.queries, response.results, strict=True):
+        found = [n.item_id for n in result.neighbors]
+        scores = [n.score for n in result.neighbors]
+        assert len(found) <= request.k and len(set(found)) == len(found)
+        if request.min_score > 0:  # 0 is "no floor"
+            assert all(score >= request.min_score for score in scores)
+        assert scores == sorted(scores, reverse=True)
+        assert not set(found) & set(request.exclude_item_ids)
+        if query.WhichOneof("by") == "item_id":
+            assert query.item_id not in found  # the query item is never its own neighbour
 
 
 @SETTINGS

@@ -185,7 +185,8 @@ def test_init_from_copies_encoder_weights_between_stages(prepared: tuple[Encoder
         assert torch.equal(value, second.encoder.state_dict()[name]), name
 
 
-def test_run_stages_chains_all_three_into_a_loadable_encoder(dataset: SynthDataset, tmp_path: Path) -> None:
+def test_run_stages_chains_all_three_and_resuming_finished_stages_keeps_their_weights(
+        dataset: SynthDataset, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     config = dataclasses.replace(CONFIG, batch_size=16, max_steps=3, stage_steps={1: 4}, log_every_n_steps=1,
@@ -198,9 +199,21 @@ def test_run_stages_chains_all_three_into_a_loadable_encoder(dataset: SynthDatas
             "moe/text_expert0", "moe/image_expert1"} <= set(logged)
     vectors = load_encoder(result.encoder_dir).encode(_items(dataset)[:5])
     assert vectors.shape == (5, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    steps = {stage: _checkpoint_step(tmp_path / "out", stage) for stage in (2, 3)}
+    assert steps == {2: 3, 3: 3}
+    # a rerun after a crash: each finished stage restores its own last.ckpt and ends at once, so no step is
+    # taken and the encoder saved again is the one the first run saved (stage 3 overwrites stage 2's handover)
     resumed = run_stages(dataset.catalog, dataset.interactions, tmp_path / "out", config, stages=(2, 3),
-                         resume=True)  # finished stages end at once from their own last.ckpt
+                         resume=True)
     assert resumed.encoder_dir == result.encoder_dir
+    assert {stage: _checkpoint_step(tmp_path / "out", stage) for stage in (2, 3)} == steps
+    np.testing.assert_allclose(load_encoder(resumed.encoder_dir).encode(_items(dataset)[:5]), vectors, rtol=0,
+                               atol=1e-6)
+
+
+def _checkpoint_step(out: Path, stage: int) -> int:
+    """The global step a stage's last.ckpt was saved at."""
+    return int(torch.load(out / f"stage{stage}" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
 
 
 def test_run_stages_refuses_unordered_stages(dataset: SynthDataset, tmp_path: Path) -> None:
