@@ -207,7 +207,8 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         hits = snap.index.search(query[None, :], k, exclude=[*seen, *exclude],
                                  attributes_equal=dict(request.filter.attributes_equal) or None, params=params)[0]
         return pb.RecommendForUserResponse(neighbors=[pb.Neighbor(item_id=h.item_id, score=h.score) for h in hits],
-                                           model_version=snap.model_version, index_version=snap.index.index_version)
+                                           model_version=snap.model_version, index_version=snap.index.index_version,
+                                           user_vector=pb.Vector(values=query.tolist()))
 
     @guarded
     def GetEmbeddings(self, request: pb.GetEmbeddingsRequest,

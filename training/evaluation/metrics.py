@@ -123,13 +123,40 @@ def _protocol(item_ids: Sequence[str], train: pl.DataFrame, holdout: pl.DataFram
     users = sorted(set(cold["user_id"].to_list()) & set(events["user_id"].to_list()))
     user_row = pl.DataFrame({"user_id": users, "user": np.arange(len(users))},
                             schema={"user_id": pl.String, "user": pl.Int64})
-    half_life_ms = half_life_days * 86_400_000
-    events = (events.join(user_row, on="user_id", how="inner")
-              .with_columns(age=pl.col("ts").max().over("user") - pl.col("ts"))
-              .with_columns(w=pl.col("weight") * (0.5 ** (pl.col("age") / half_life_ms))).sort("user"))
+    events = _recency_weighted(events.join(user_row, on="user_id", how="inner"), half_life_days).sort("user")
     cold = cold.join(user_row, on="user_id", how="inner").sort("user")
     hist = (events["user"].to_numpy(), events["row"].to_numpy(), events["w"].to_numpy().astype(np.float64))
     return users, hist, (cold["user"].to_numpy(), cold["row"].to_numpy()), cold["item_id"].n_unique()
+
+
+def _recency_weighted(events: pl.DataFrame, half_life_days: float) -> pl.DataFrame:
+    """Adds `w`: the event's weight x 0.5 ** (age / half-life), the age from the user's newest event."""
+    half_life_ms = half_life_days * 86_400_000
+    return (events.with_columns(age=pl.col("ts").max().over("user_id") - pl.col("ts"))
+            .with_columns(w=pl.col("weight") * (0.5 ** (pl.col("age") / half_life_ms))))
+
+
+def user_vectors(vectors: np.ndarray, item_ids: Sequence[str], interactions: pl.DataFrame,
+                 half_life_days: float = HALF_LIFE_DAYS) -> dict[str, np.ndarray]:
+    """The query vector the protocol scores for each user of `interactions` (items not in `item_ids`
+    skipped; users with none left out): what `RecommendForUser` must serve for the same history."""
+    rows = pl.DataFrame({"item_id": list(item_ids), "row": np.arange(len(item_ids))},
+                        schema={"item_id": pl.String, "row": pl.Int64})
+    events = _recency_weighted(_events(interactions).join(rows, on="item_id", how="inner"), half_life_days)
+    users = sorted(set(events["user_id"].to_list()))
+    events = events.join(pl.DataFrame({"user_id": users, "user": np.arange(len(users))},
+                                      schema={"user_id": pl.String, "user": pl.Int64}), on="user_id")
+    query = _query(vectors, events["user"].to_numpy(), events["row"].to_numpy(),
+                   events["w"].to_numpy().astype(np.float64), len(users))
+    return {u: query[i] for i, u in enumerate(users)}
+
+
+def _query(vectors: np.ndarray, user: np.ndarray, row: np.ndarray, weight: np.ndarray, n: int) -> np.ndarray:
+    """Per user 0..n-1, the L2-normalised weighted sum of its history's vectors (zeros when it sums to 0)."""
+    query = np.zeros((n, vectors.shape[1]), dtype=np.float64)  # (users, dim)
+    np.add.at(query, user, weight[:, None] * vectors[row])
+    norm = np.linalg.norm(query, axis=1, keepdims=True)
+    return np.divide(query, norm, out=np.zeros_like(query), where=norm > 0).astype(np.float32)
 
 
 def _events(frame: pl.DataFrame) -> pl.DataFrame:
@@ -150,10 +177,8 @@ def _chunk_hits(vectors: np.ndarray, retrievable: np.ndarray, hist: tuple[np.nda
     h_user, h_item, h_weight = hist
     a, b = np.searchsorted(h_user, [lo, hi])
     n = hi - lo
-    query = np.zeros((n, vectors.shape[1]), dtype=np.float64)  # (users, dim)
-    np.add.at(query, h_user[a:b] - lo, h_weight[a:b, None] * vectors[h_item[a:b]])
+    query = _query(vectors, h_user[a:b] - lo, h_item[a:b], h_weight[a:b], n)
     norm = np.linalg.norm(query, axis=1, keepdims=True)
-    query = np.divide(query, norm, out=np.zeros_like(query), where=norm > 0).astype(np.float32)
     scores = query @ vectors.T  # (users, items)
     scores[:, ~retrievable] = -np.inf
     scores[h_user[a:b] - lo, h_item[a:b]] = -np.inf  # the user's history is never recommended

@@ -185,14 +185,16 @@ class RecommendForUserRequest(_message.Message):
     def __init__(self, history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., search: _Optional[_Union[SearchParams, _Mapping]] = ...) -> None: ...
 
 class RecommendForUserResponse(_message.Message):
-    __slots__ = ("neighbors", "model_version", "index_version")
+    __slots__ = ("neighbors", "model_version", "index_version", "user_vector")
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    USER_VECTOR_FIELD_NUMBER: _ClassVar[int]
     neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
     model_version: str
     index_version: str
-    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ...) -> None: ...
+    user_vector: Vector
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., user_vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
 
 class GetEmbeddingsRequest(_message.Message):
     __slots__ = ("item_ids",)
