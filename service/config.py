@@ -35,7 +35,8 @@ class Limits:
 class ServiceConfig:
     """Where the model and index come from and how the server runs."""
 
-    model_uri: str = "models:/onetower-encoder@champion"  # or a local encoder directory
+    model_uri: str  # models:/NAME@ALIAS, models:/NAME/VERSION or a local encoder directory (the commands' default:
+    # onetower/settings.py, from training.lifecycle.tracking.DEFAULT_MODEL_URI)
     index_root: Path = Path("index")
     tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI)
     host: str = "127.0.0.1"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from index.log import LOG_FILE
+from training.lifecycle.tracking import DEFAULT_MODEL_URI
 
 PHASES = ("embed", "build", "write", "current", "truncate")
 SHARD_SIZE = 100  # items per shard in paused runs, so a 400-item catalog makes several shards
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # ---- the processes, from the test's side ---------------------------------------------------------
 def serve_process(index_root: Path, tracking_uri: str, port: int, cache_dir: Path, log: Path,
-                  poll_seconds: float = 0, model_uri: str = "models:/onetower-encoder@champion",
+                  poll_seconds: float = 0, model_uri: str = DEFAULT_MODEL_URI,
                   extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """`onetower serve` following `model_uri` (the champion alias), on `index_root`; `extra`: more options."""
     cmd = [sys.executable, "-m", "onetower.cli", "serve", "--model", model_uri,
@@ -56,7 +57,7 @@ def reindex_process(catalog: Path, index_root: Path, tracking_uri: str, log: Pat
                     pause_at: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
     """`onetower reindex` (flat index, CPU) on `index_root`; with `pause_at`, it stops at that phase."""
     args = ["reindex", "--catalog", str(catalog), "--index-root", str(index_root), "--model",
-            "models:/onetower-encoder@champion", "--tracking-uri", tracking_uri, "--kind", "flat",
+            DEFAULT_MODEL_URI, "--tracking-uri", tracking_uri, "--kind", "flat",
             "--device", "cpu"]
     if pause_at is None:
         cmd = [sys.executable, "-m", "onetower.cli", *args]

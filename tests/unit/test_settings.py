@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,6 @@ from onetower.cli import app
 from onetower.settings import GLOBAL, OTHER_MEANINGS, SETTINGS, markdown_table
 from service.config import ServiceConfig
 from training.lifecycle.register import MODEL_NAME, alias_version
-from training.lifecycle.tracking import DEFAULT_MODEL_URI
 
 ROOT = Path(__file__).resolve().parents[2]
 CLEAN_ENV: dict[str, str | None] = {name: None for s in SETTINGS for name in s.envvars}
@@ -66,7 +66,8 @@ def test_each_command_has_the_listed_default() -> None:
         for s in SETTINGS:
             if command in s.commands and tuple(param.opts) == s.flags and not param.required:
                 assert param.default == s.default, (command, s.flags)
-    assert ServiceConfig().model_uri == DEFAULT_MODEL_URI  # the library default agrees with the commands'
+    fields = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+    assert fields["model_uri"].default is dataclasses.MISSING  # the library spells no second default
 
 
 def test_the_readme_holds_the_table_and_every_variable_the_code_reads() -> None:
