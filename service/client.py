@@ -15,6 +15,8 @@ from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
 DEFAULT_TIMEOUT = 10.0
 
 
+
+IDS_PER_CALL = 1000  # the server's default limit on ids a call (service.config.Limits.max_ids)
 @dataclass(frozen=True)
 class Neighbor:
     item_id: str
@@ -83,12 +85,20 @@ class Client:
         return self.stub.UpsertItems(pb.UpsertItemsRequest(items=list(items), neighbors_k=neighbors_k),
                                      timeout=self.timeout, metadata=self.metadata)
 
-    def delete(self, item_ids: Sequence[str]) -> int:
-        resp = self.stub.DeleteItems(pb.DeleteItemsRequest(item_ids=list(item_ids)), timeout=self.timeout,
-                                     metadata=self.metadata)
-        return int(resp.deleted)
+    def delete(self, item_ids: Sequence[str], chunk: int = IDS_PER_CALL) -> int:
+        """Delete items, `chunk` ids a call; returns how many were live."""
+        deleted = 0
+        for start in range(0, max(len(item_ids), 1), chunk):
+            resp = self.stub.DeleteItems(pb.DeleteItemsRequest(item_ids=list(item_ids[start: start + chunk])),
+                                         timeout=self.timeout, metadata=self.metadata)
+            deleted += int(resp.deleted)
+        return deleted
 
-    def embeddings(self, item_ids: Sequence[str]) -> dict[str, list[float]]:
-        resp = self.stub.GetEmbeddings(pb.GetEmbeddingsRequest(item_ids=list(item_ids)), timeout=self.timeout,
-                                       metadata=self.metadata)
-        return {e.item_id: list(e.vector.values) for e in resp.embeddings}
+    def embeddings(self, item_ids: Sequence[str], chunk: int = IDS_PER_CALL) -> dict[str, list[float]]:
+        """Stored vectors, `chunk` ids a call (the server's default limit); NOT_FOUND if any id is unknown."""
+        out: dict[str, list[float]] = {}
+        for start in range(0, len(item_ids), chunk):
+            resp = self.stub.GetEmbeddings(pb.GetEmbeddingsRequest(item_ids=list(item_ids[start: start + chunk])),
+                                           timeout=self.timeout, metadata=self.metadata)
+            out.update({e.item_id: list(e.vector.values) for e in resp.embeddings})
+        return out
