@@ -8,6 +8,7 @@ before the end stops the load with `CorruptLogError`, since skipping it would lo
 from __future__ import annotations
 
 import base64
+import bisect
 import fcntl
 import json
 import logging
@@ -24,13 +25,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from index.errors import CorruptLogError, IndexLayerError, LogRewrittenError
-from index.fsio import fsync_dir
+from index.fsio import fsync_dir, make_dirs
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "live.log"  # the log's name under an index root
 _HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 256 * 1024 * 1024
+REWRITES_KEPT = 16  # generations of own rewrites `translate` can follow a reader through
 COMPACT_MIN_BYTES = 1 << 20  # superseded bytes below this are never worth a rewrite
 
 
@@ -129,21 +131,30 @@ class WriteLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         self._entries: list[LogEntry] = []
         self._newest: dict[str, int] = {}  # item id -> index of its newest entry
         self._dead = 0  # bytes of entries a newer entry of the same item supersedes
         self._end = 0  # bytes of intact frames this object has read or written
         self._generation = 0  # bumped whenever the entries are reread or rewritten
         self.compactions = 0
+        # generation -> (the next generation, indices of the entries it kept), for this object's own rewrites
+        self._rewrites: dict[int, tuple[int, list[int]]] = {}
         self._compactor: threading.Thread | None = None
+        self._identity = (-1, 0, 0)  # (fd, inode, device) of the open file, for `changed`
         self._file = self._open()
         try:
+            fsync_dir(path.parent)  # the log's name, if this created it: else a power cut loses the whole log
             with self._file_lock():
                 pass  # taking the lock reads the file
         except BaseException:
             self._file.close()
             raise
+
+    def _identify(self, file: Any) -> tuple[int, int, int]:
+        st = os.fstat(file.fileno())
+        self._identity = (file.fileno(), st.st_ino, st.st_dev)
+        return self._identity
 
     def _open(self) -> Any:
         # unbuffered: a failed write leaves no bytes behind to flush later; readable for `read`
@@ -161,8 +172,9 @@ class WriteLog:
             self._file = self._open()
             self._end = -1
         try:
-            if os.fstat(self._file.fileno()).st_size != self._end:
-                self._reload()
+            size = os.fstat(self._file.fileno()).st_size
+            if size != self._end:
+                self._catch_up(size)
             yield
         finally:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
@@ -175,16 +187,22 @@ class WriteLog:
         own = os.fstat(self._file.fileno())
         return (named.st_ino, named.st_dev) != (own.st_ino, own.st_dev)
 
-    def _reload(self) -> None:
-        """Index every record and drop a torn tail (caller holds the file lock, so no append is under way)."""
+    def _catch_up(self, size: int) -> None:
+        """Index what another process appended (or everything, after the file was replaced), and drop a
+        torn tail (caller holds the file lock, so no append is under way)."""
         fd = self._file.fileno()
-        entries, good_end = _scan(fd, self.path)
-        size = os.fstat(fd).st_size
+        grown = 0 <= self._end < size
+        entries, good_end = _scan(fd, self.path, self._end if grown else 0, len(self._entries) if grown else 0)
         if size != good_end:
             logger.warning("%s: dropping a torn tail of %d bytes", self.path, size - good_end)
             os.ftruncate(fd, good_end)
             os.fsync(fd)
-        self._set_entries(entries, good_end)
+        if grown:
+            for e in entries:
+                self._add(e)
+            self._end = good_end
+        else:
+            self._set_entries(entries, good_end)
 
     def _set_entries(self, entries: list[LogEntry], end: int) -> None:
         self._entries, self._newest, self._dead, self._end = [], {}, 0, end
@@ -205,6 +223,49 @@ class WriteLog:
         """One entry per record, in order, as of this object's last open, append, truncate or compaction."""
         with self._lock:
             return list(self._entries)
+
+    def view(self) -> tuple[int, list[LogEntry]]:
+        """(generation, entries) as of this object's last look at the file; the generation changes whenever
+        the entries are reread from scratch or rewritten (a compaction or truncate)."""
+        with self._lock:
+            return self._generation, list(self._entries)
+
+    def between(self, generation: int, start: int, stop: int) -> list[LogEntry] | None:
+        """Entries `start:stop` of `generation`, or None when the view has moved to another generation."""
+        with self._lock:
+            return self._entries[start:stop] if generation == self._generation else None
+
+    def changed(self) -> bool:
+        """Whether the file may hold what this view lacks (grown, or replaced by another process): one
+        stat call, for a reader that must see every acknowledged write before it answers."""
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            return True
+        file = self._file
+        try:
+            own = self._identity if self._identity[0] == file.fileno() else self._identify(file)
+        except (OSError, ValueError):  # closed and reopened by another thread meanwhile
+            return True
+        return named.st_size != self._end or (named.st_ino, named.st_dev) != own[1:]
+
+    def sync(self) -> None:
+        """Bring the view up to date with the file (what other processes appended or rewrote)."""
+        with self._lock, self._file_lock():
+            pass
+
+    def translate(self, generation: int, count: int) -> tuple[int, int] | None:
+        """Where the first `count` entries of `generation` ended up after this object's own rewrites since:
+        (generation, how many of its entries they are), or None when the file was reread from scratch
+        (another process rewrote it: the caller must treat every entry as new)."""
+        with self._lock:
+            while generation != self._generation:
+                step = self._rewrites.get(generation)
+                if step is None:
+                    return None
+                generation, kept = step
+                count = bisect.bisect_left(kept, count)
+            return generation, count
 
     @property
     def records(self) -> list[LogRecord]:
@@ -244,8 +305,13 @@ class WriteLog:
         return self._dead
 
     # ---- writing -------------------------------------------------------------------------------
-    def append(self, records: Iterable[LogRecord]) -> None:
-        """Write and fsync `records`; raises OSError (e.g. ENOSPC, EIO) without acknowledging them."""
+    def append(self, records: Iterable[LogRecord]) -> tuple[int, int]:
+        """Write and fsync `records`; raises OSError (e.g. ENOSPC, EIO) without acknowledging them.
+
+        Returns:
+            (generation, index of the first appended entry): entries before it that the caller has not
+            seen are other processes' appends.
+        """
         batch = list(records)
         frames = [_frame(r) for r in batch]
         data = b"".join(frames)
@@ -262,11 +328,12 @@ class WriteLog:
                 except OSError as e:  # e.g. EIO, or a device that cannot be truncated: the next open drops the tail
                     logger.error("%s: could not cut a failed append back to byte %d: %s", self.path, self._end, e)
                 raise
-            offset = self._end
+            first, offset = len(self._entries), self._end
             for record, frame in zip(batch, frames, strict=True):
                 self._add(_entry(record, offset, frame))
                 offset += len(frame)
             self._end = offset
+            return self._generation, first
 
     def truncate(self, keep_from: int = 0) -> None:
         """Drop records before index `keep_from` (after they were folded into a published index).
@@ -286,8 +353,9 @@ class WriteLog:
                 if self._generation != generation and not _same_prefix(seen, self._entries, keep_from):
                     raise LogRewrittenError(f"{self.path}: rewritten by another process since it was read; "
                                             f"refusing to drop its first {keep_from} records")
+                rewritten = (self._generation, list(range(keep_from, len(self._entries))))
                 kept = self._rewrite(self._entries[keep_from:])
-            self._reopen(kept)
+            self._reopen(kept, rewritten)
 
     def compact(self) -> int:
         """Drop every record that a later record of the same item supersedes; returns the bytes freed.
@@ -298,11 +366,12 @@ class WriteLog:
         with self._lock:
             with self._file_lock():
                 before = self._end
-                live = [e for i, e in enumerate(self._entries) if self._newest[e.item_id] == i]
-                if len(live) == len(self._entries):
+                keep = [i for i, e in enumerate(self._entries) if self._newest[e.item_id] == i]
+                if len(keep) == len(self._entries):
                     return 0
-                kept = self._rewrite(live)
-            self._reopen(kept)
+                rewritten = (self._generation, keep)
+                kept = self._rewrite([self._entries[i] for i in keep])
+            self._reopen(kept, rewritten)
             self.compactions += 1
         logger.info("%s: compacted %d -> %d bytes (%d records kept)", self.path, before, self._end, len(kept))
         return before - self._end
@@ -341,11 +410,16 @@ class WriteLog:
         fsync_dir(self.path.parent)
         return out
 
-    def _reopen(self, entries: list[LogEntry]) -> None:
-        """After `_rewrite`, outside the file lock: the replaced file's lock goes with it."""
+    def _reopen(self, entries: list[LogEntry], before: tuple[int, list[int]]) -> None:
+        """After `_rewrite`, outside the file lock: the replaced file's lock goes with it. `before` is the
+        rewritten generation and the indices of its entries kept, in order (see `translate`)."""
         self._file.close()
         self._file = self._open()
         self._set_entries(entries, sum(e.size for e in entries))
+        old, kept = before
+        self._rewrites[old] = (self._generation, kept)
+        for stale in [g for g in self._rewrites if g < old - REWRITES_KEPT]:
+            del self._rewrites[stale]
 
     def close(self) -> None:
         compactor = self._compactor
@@ -360,15 +434,15 @@ def _entry(record: LogRecord, offset: int, frame: bytes) -> LogEntry:
                     _HEADER.unpack_from(frame)[1])
 
 
-def _scan(fd: int, path: Path) -> tuple[list[LogEntry], int]:
-    """The entries of every intact frame from the start, and where they end (a torn tail is left out).
+def _scan(fd: int, path: Path, pos: int = 0, first: int = 0) -> tuple[list[LogEntry], int]:
+    """The entries of every intact frame from byte `pos` (frame number `first`), and where they end
+    (a torn tail is left out).
 
     Raises:
         CorruptLogError: a damaged or unreadable frame that intact frames follow.
     """
     size = os.fstat(fd).st_size
     entries: list[LogEntry] = []
-    pos = 0
     while pos + _HEADER.size <= size:
         length, crc = _HEADER.unpack(os.pread(fd, _HEADER.size, pos))
         frame_size = _HEADER.size + length
@@ -381,14 +455,14 @@ def _scan(fd: int, path: Path) -> tuple[list[LogEntry], int]:
             if following is None:
                 break
             raise CorruptLogError(
-                f"{path}: frame {len(entries)} at byte {pos} is damaged (checksum mismatch) and "
+                f"{path}: frame {first + len(entries)} at byte {pos} is damaged (checksum mismatch) and "
                 f"intact frames follow it from byte {pos + following}; refusing to drop acknowledged writes")
         try:
             body = json.loads(payload)
             entries.append(LogEntry(str(body["op"]), str(body["item_id"]), str(body.get("model_version", "")),
                                     str(body.get("content_hash", "")), pos, frame_size, crc))
         except (ValueError, KeyError, TypeError) as e:
-            raise CorruptLogError(f"{path}: frame {len(entries)} at byte {pos} is unreadable: {e}") from None
+            raise CorruptLogError(f"{path}: frame {first + len(entries)} at byte {pos} is unreadable: {e}") from None
         pos += frame_size
     return entries, pos
 

@@ -12,12 +12,15 @@ Layout under an index root::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ import numpy as np
 from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.faiss_index import as_matrix, build_index, import_faiss, index_kind
-from index.fsio import fsync_dir
+from index.fsio import fsync_dir, make_dirs
 from index.ids import IdMap
 
 logger = logging.getLogger(__name__)
@@ -95,10 +98,24 @@ def sha256_file(path: Path) -> str:
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
+    with _naming(path), path.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise a failed write (EIO, ENOSPC; FAISS reports them as RuntimeError) as an OSError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}", str(path)) from e
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"could not write {path}: {str(e).strip().splitlines()[-1][:300]}",
+                      str(path)) from e
 
 
 def new_version_name(model_version: str) -> str:
@@ -122,12 +139,16 @@ def publish_index(root: Path, vectors: np.ndarray, ids: IdMap, config: IndexConf
     index = build_index(x, config)
     version = new_version_name(model_version)
     staging = root / VERSIONS / f".{version}.tmp"
-    staging.mkdir(parents=True)
-    faiss.write_index(index, str(staging / INDEX_FILE))
-    ids.write(staging / IDS_FILE)
-    np.save(staging / VECTORS_FILE, x)
+    make_dirs(staging.parent)  # a new root's and versions/' names must survive a power cut too
+    staging.mkdir()
+    with _naming(staging / INDEX_FILE):
+        faiss.write_index(index, str(staging / INDEX_FILE))
+    with _naming(staging / IDS_FILE):
+        ids.write(staging / IDS_FILE)
+    with _naming(staging / VECTORS_FILE):
+        np.save(staging / VECTORS_FILE, x)
     for name in DATA_FILES:
-        with (staging / name).open("rb+") as f:
+        with _naming(staging / name), (staging / name).open("rb+") as f:
             os.fsync(f.fileno())
     params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("threads", "use_gpu")}
     manifest = Manifest(
@@ -136,10 +157,16 @@ def publish_index(root: Path, vectors: np.ndarray, ids: IdMap, config: IndexConf
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         files={name: sha256_file(staging / name) for name in DATA_FILES})
     _fsync_write(staging / MANIFEST_FILE, manifest.to_json().encode())
+    fsync_dir(staging)  # the files' names: else the renamed version may come back from a power cut empty
+    try:  # verify what landed on disk before it is listed: FAISS only prints a failed write of its file
+        published = load_version(root, staging.name)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"could not write {staging / INDEX_FILE}: it does not read back "
+                      f"({str(e).strip().splitlines()[-1][:300]})", str(staging / INDEX_FILE)) from e
     final = root / VERSIONS / version
     os.rename(staging, final)
     fsync_dir(final.parent)
-    published = load_version(root, version)  # verify what landed on disk before anyone serves it
+    published.path = final
     if make_current:
         set_current(root, version)
     logger.info("published index %s (%s, %d x %d) for %s/%s", version, manifest.kind, len(ids),
@@ -196,8 +223,7 @@ def load_version(root: Path, version: str | None = None, mmap: bool = True) -> P
         raise IndexVerificationError(f"{root} has no {CURRENT} pointer: publish an index first (onetower reindex)")
     directory = root / VERSIONS / version
     manifest = verify_version(directory)
-    faiss = import_faiss()
-    index = faiss.read_index(str(directory / INDEX_FILE))
+    index = _read_index(directory / INDEX_FILE, mmap)
     ids = IdMap.read(directory / IDS_FILE)
     vectors = np.load(directory / VECTORS_FILE, mmap_mode="r" if mmap else None)
     if not (index.ntotal == len(ids) == len(vectors) == manifest.count) or index.d != manifest.dim:
@@ -205,6 +231,20 @@ def load_version(root: Path, version: str | None = None, mmap: bool = True) -> P
             f"{directory}: counts disagree (index {index.ntotal}, ids {len(ids)}, vectors {len(vectors)}, "
             f"manifest {manifest.count}) or dim {index.d} != manifest {manifest.dim}")
     return PublishedIndex(path=directory, manifest=manifest, index=index, ids=ids, vectors=vectors)
+
+
+def _read_index(path: Path, mmap: bool) -> Any:
+    """Read a FAISS index; with `mmap`, its codes memory-mapped (IO_FLAG_MMAP_IFC), so processes serving
+    one version share them in the page cache: measured with FAISS 1.15 at 200k x 128, private memory
+    after loading is 0 MB of 98 for flat, 30 of 126 for HNSW (its graph), 1 of 8 for IVF-PQ and 11 of
+    104 for the fast-scan kind with refinement (docs/PERFORMANCE.md, multi-process serving)."""
+    faiss = import_faiss()
+    if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError as e:  # a kind this FAISS cannot map: read it whole
+            logger.info("%s: not memory-mappable (%s); reading it whole", path, str(e).splitlines()[-1][:200])
+    return faiss.read_index(str(path))
 
 
 def list_versions(root: Path) -> list[str]:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.faiss_index import as_matrix
-from index.fsio import fsync_dir
+from index.fsio import fsync_dir, make_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,12 @@ class ShardStore:
         if directory.exists() and _read_meta(meta) != self.identity:
             logger.info("%s: shards of another run (%s), starting afresh", directory, _read_meta(meta))
             self._remove_own_files()
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         for leftover in directory.glob(f"{_PREFIX}*.tmp"):
             leftover.unlink()
         if not meta.exists():
             _atomic_write(meta, lambda f: f.write(json.dumps(self.identity, sort_keys=True).encode()))
+            fsync_dir(directory)  # else a power cut may keep the shards but lose what made them
 
     def shards(self) -> list[Shard]:
         """The completed shards, in the order they were written."""
@@ -136,9 +137,14 @@ def _read_meta(path: Path) -> Any:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write under a temporary name, fsync, rename; a failure (EIO, ENOSPC) names the file and leaves
+    only the temporary file, which the next `ShardStore` removes."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}", str(path)) from e

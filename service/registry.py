@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from index.errors import IndexVerificationError
+from index.fsio import fsync_dir
 from index.publish import read_current, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,30 @@ def download_model(ref: ModelRef, cache_dir: Path, tracking_uri: str | None = No
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         source = client.get_model_version_download_uri(ref.name, ref.version)
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=tracking_uri)
-        (target / ".complete").write_text("ok\n")
+        _mark_complete(target)
         logger.info("downloaded %s to %s", ref.source, target)
     return target
+
+
+def _mark_complete(target: Path) -> None:
+    """fsync every downloaded file and folder, then write `.complete` the same way: after a power cut the
+    marker never stands beside empty or missing files. A failure (EIO, ENOSPC) names the file; without
+    the marker the next start downloads again."""
+    try:
+        for folder, _, files in os.walk(target, topdown=False):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(Path(folder))
+        marker = target / ".complete"
+        with open(marker, "wb") as f:
+            f.write(b"ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(target)
+        for parent in (target.parent, target.parent.parent):  # cache/<name>/<version>: the new names
+            fsync_dir(parent)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write the model cache {target}: {e.strerror or e}",
+                      e.filename or str(target)) from e

@@ -1,0 +1,1 @@
+from tests.chaos.mounts import lostfs  # noqa: F401  (the fixture)
