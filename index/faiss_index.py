@@ -19,6 +19,7 @@ FAISS_MISSING = "FAISS is not installed: pip install 'onetower[cpu]' (or [gpu] o
 PQ_BITS = 8  # 256 centroids per sub-quantizer, the layout every FAISS backend supports
 MIN_IVFPQ_COUNT = 4 * (1 << PQ_BITS)  # fewer points cannot train the PQ codebooks
 TRAIN_POINTS_PER_LIST = 256  # FAISS's own k-means cap; more training points only cost time
+ADD_CHUNK = 1 << 20  # rows per add: OPQ would otherwise copy all rows at once (5 GB at 10M x 128)
 
 # OpenMP keeps the thread count per thread: omp_set_num_threads in one thread leaves every other thread
 # (gRPC handlers, a thread pool) on the default, all cores. configure_faiss records the count and
@@ -158,7 +159,8 @@ def _fill(faiss: ModuleType, index: Any, x: np.ndarray, kind: str, config: Index
             target = index
     if not target.is_trained:
         target.train(_training_sample(x, kind, config))
-    target.add(x)
+    for start in range(0, len(x), ADD_CHUNK):  # OPQ's pre-transform copies what one add gets: bound that copy
+        target.add(x[start: start + ADD_CHUNK])
     return faiss.index_gpu_to_cpu(target) if gpu else target
 
 
@@ -201,6 +203,27 @@ def _sq8_graph(index: Any) -> bool:
     return isinstance(storage, faiss.IndexScalarQuantizer) and storage.sq.qtype == faiss.ScalarQuantizer.QT_8bit
 
 
+class IndexShape:
+    """What `search_index` needs to know of an index, read once (each FAISS downcast costs microseconds)."""
+
+    def __init__(self, kind: str, reranked: bool) -> None:
+        self.kind = kind
+        self.reranked = reranked  # ivfpq, or an sq8 HNSW graph: hits re-ranked exactly
+        self._defaults: dict[tuple[int, int], Any] = {}
+
+    @classmethod
+    def of(cls, index: Any) -> IndexShape:
+        kind = index_kind(index)
+        return cls(kind, kind == "ivfpq" or _sq8_graph(index))
+
+    def default_parameters(self, config: IndexConfig) -> Any:
+        """The search parameters of the index's default effort (no selector), built once per effort."""
+        key = (config.ef_search, config.nprobe)
+        if key not in self._defaults:
+            self._defaults[key] = _search_parameters(self.kind, None, SearchParams(), config)
+        return self._defaults[key]
+
+
 def search_index(
     index: Any,
     queries: np.ndarray,
@@ -209,6 +232,7 @@ def search_index(
     params: SearchParams | None,
     config: IndexConfig,
     vectors: np.ndarray | None = None,
+    shape: IndexShape | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search `index` for the `k` best rows per query.
 
@@ -217,6 +241,7 @@ def search_index(
         params: per-call effort overrides (never written to the shared index).
         vectors: the stored rows; for ivfpq and an sq8 HNSW graph, k*refine_factor hits are
             re-ranked exactly against them, so scores are true inner products.
+        shape: `IndexShape.of(index)`, kept by a caller that searches one index many times.
 
     Returns:
         (scores float32 [n, k], labels int64 [n, k]); missing hits have label -1.
@@ -227,10 +252,13 @@ def search_index(
         _applied.threads = _search_threads
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
-    kind = index_kind(index)
-    exact = vectors if config.refine_factor > 1 and (kind == "ivfpq" or _sq8_graph(index)) else None
+    shape = shape or IndexShape.of(index)
+    exact = vectors if config.refine_factor > 1 and shape.reranked else None
     fetch = k * config.refine_factor if exact is not None else k
-    search_params = _search_parameters(kind, selector, params or SearchParams(), config)
+    if selector is None and params is None:
+        search_params = shape.default_parameters(config)  # built once: a SWIG object costs ~30 us a call
+    else:
+        search_params = _search_parameters(shape.kind, selector, params or SearchParams(), config)
     scores, labels = index.search(q, fetch, params=search_params)
     if exact is not None:
         return rerank(q, labels, exact, k)

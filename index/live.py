@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from index.config import SEARCH_THREADS, IndexConfig, SearchParams
-from index.errors import ReembedError
-from index.faiss_index import as_matrix, configure_faiss, import_faiss, search_index
-from index.log import LogRecord, WriteLog
+from index.errors import LogRewrittenError, ReembedError
+from index.faiss_index import IndexShape, as_matrix, configure_faiss, import_faiss, search_index
+from index.log import LogEntry, LogRecord, WriteLog
 from index.publish import PublishedIndex
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ EXACT_CHUNK = 16384  # main rows scored per matrix product in an exact filtered 
 # queries, docs/PERFORMANCE.md): batches on a flat index with at most this many tombstones search
 # without the selector, over-fetch by the tombstone count and drop them.
 FLAT_OVERFETCH_MAX = 4096
+FOLLOW_RETRIES = 3
 REPLAY_CHUNK = 256  # log records read and applied at a time on replay
 FRESH_COMPACT_MIN = 1024  # superseded fresh rows kept before the fresh buffers are rebuilt
 EmbedFn = Callable[[Sequence[LogRecord]], np.ndarray]
@@ -83,10 +84,13 @@ class LiveIndex:
         # process-wide, and the same for every LiveIndex of a process: set from measurements (IndexConfig)
         configure_faiss(self.config.threads or SEARCH_THREADS, self.config.blas_min_batch * self.dim)
         self._lock = threading.Lock()
+        self._shape = IndexShape.of(published.index)
+        self._embed_fn = embed_fn
+        self._seen = (-1, 0)  # (log generation, entries of it applied): what of the log this view holds
         self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool), {},
                              [], [], [])
-        if log is not None and len(log):
-            self._replay(log, embed_fn)
+        if log is not None:
+            self._replay(log)
 
     # ---- reading -------------------------------------------------------------------------------
     @property
@@ -169,7 +173,8 @@ class LiveIndex:
         else:
             selector = None
         limit = min(fetch, self.main.index.ntotal)
-        scores, labels = search_index(self.main.index, q, limit, selector, params, self.config, self.main.vectors)
+        scores, labels = search_index(self.main.index, q, limit, selector, params, self.config, self.main.vectors,
+                                      self._shape)
         if attributes_equal and self.kind != "flat":
             short = np.flatnonzero((labels >= 0).sum(axis=1) < min(fetch, len(keep)))
             if len(short):  # the approximate walk met too few matching rows: score the filter exactly
@@ -181,7 +186,7 @@ class LiveIndex:
     def _flat_over_fetch(self, q: np.ndarray, fetch: int, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact best `fetch` live main rows per query: BLAS over every row, then the dead ones dropped."""
         limit = min(fetch + len(dead), self.main.index.ntotal)
-        scores, labels = search_index(self.main.index, q, limit, None, None, self.config)
+        scores, labels = search_index(self.main.index, q, limit, None, None, self.config, shape=self._shape)
         alive = (labels >= 0) & ~np.isin(labels, dead)
         order = np.argsort(~alive, axis=1, kind="stable")[:, :fetch]  # live hits first, still best first
         labels = np.where(np.take_along_axis(alive, order, 1), np.take_along_axis(labels, order, 1), -1)
@@ -250,6 +255,7 @@ class LiveIndex:
                 raise ValueError(f"records[{i}] must be an upsert with a vector")
             as_matrix(r.vector[None, :], f"records[{i}].vector", self.dim)
         with self._lock:
+            self._follow_if_changed()  # "unchanged" is judged on every write acknowledged so far
             changed = [r for r in records if not self.unchanged(r.item_id, r.content_hash)]
             if changed:
                 self._write(changed)
@@ -258,44 +264,99 @@ class LiveIndex:
     def delete(self, item_ids: Sequence[str]) -> int:
         """Durably delete items; returns how many were live."""
         with self._lock:  # decided under the writers' lock, so a concurrent upsert cannot hide a live item
+            self._follow_if_changed()  # and another process's upsert is live here too
             live = [i for i in dict.fromkeys(item_ids) if i in self]
             if live:
                 self._write([LogRecord(op="delete", item_id=i, model_version=self.model_version) for i in live])
         return len(live)
 
     def _write(self, records: Sequence[LogRecord]) -> None:
-        """Log (fsync), then apply; caller holds the lock. The log compacts itself in the background."""
-        if self.log is not None:
-            self.log.append(records)
-        self._apply(records)
-        if self.log is not None:
-            self.log.compact_soon()
+        """Log (fsync), then apply; caller holds the lock. The log compacts itself in the background.
 
-    def _replay(self, log: WriteLog, embed_fn: EmbedFn | None) -> None:
+        What other processes appended before these records is applied first, so this view never
+        holds a write without every write acknowledged before it."""
+        if self.log is None:
+            self._apply(records)
+            return
+        generation, first = self.log.append(records)
+        seen = self.log.translate(*self._seen)
+        others = self.log.between(generation, seen[1], first) if seen is not None and seen[0] == generation else None
+        if others is None:
+            self._follow()  # the file was rewritten meanwhile: its records, ours included, from the file
+        else:
+            if others:  # appended by other processes since this view last looked
+                self._apply_entries(others)
+            self._apply(records)
+            self._seen = (generation, first + len(records))
+        self.log.compact_soon()
+
+    def catch_up(self) -> int:
+        """Apply what other processes (or this one's other views) wrote to the log since this view last
+        looked; returns how many log entries were applied. Costs two stat calls when nothing is new:
+        call it before answering a read that must see every acknowledged write (read-your-writes across
+        processes sharing one index root)."""
+        if self.log is None or not self.log.changed():
+            return 0
+        with self._lock:
+            self.log.sync()
+            return self._follow()
+
+    def _follow_if_changed(self) -> None:
+        if self.log is not None and self.log.changed():
+            self.log.sync()
+            self._follow()
+
+    def _follow(self) -> int:
+        """Apply the log entries this view has not applied (caller holds the lock)."""
+        assert self.log is not None
+        for _ in range(FOLLOW_RETRIES):
+            generation, entries = self.log.view()
+            seen = self.log.translate(*self._seen)
+            new = entries[seen[1]:] if seen is not None and seen[0] == generation else \
+                list({e.item_id: e for e in entries}.values())  # rewritten elsewhere: newest of each, again
+            try:
+                self._apply_entries(new)
+            except LogRewrittenError:  # compacted by this process's background thread meanwhile
+                self.log.sync()
+                continue
+            self._seen = (generation, len(entries))
+            return len(new)
+        raise LogRewrittenError(f"{self.log.path}: rewritten {FOLLOW_RETRIES} times while being followed")
+
+    def _replay(self, log: WriteLog) -> None:
         """Apply the newest record of each item in the log; only those are read, a chunk at a time."""
-        newest = {e.item_id: e for e in log.entries}
-        upserts = [e for e in newest.values() if e.op == "upsert"]
-        stale = sum(e.model_version != self.model_version for e in upserts)
-        if stale and embed_fn is None:
-            example = next(e.model_version for e in upserts if e.model_version != self.model_version)
+        generation, entries = log.view()
+        newest = {e.item_id: e for e in entries}
+        with self._lock:
+            self._apply_entries(list(newest.values()))
+            self._seen = (generation, len(entries))
+        logger.info("replayed the newest of %d live writes (%d items): %d items live", len(entries), len(newest),
+                    len(self))
+
+    def _apply_entries(self, entries: Sequence[LogEntry]) -> None:
+        """Read and apply log entries in order, re-embedding upserts of another model version (caller holds
+        the lock). Deletes need no reading; upserts are read a chunk at a time."""
+        assert self.log is not None
+        stale = sum(e.op == "upsert" and e.model_version != self.model_version for e in entries)
+        if stale and self._embed_fn is None:
+            example = next(e.model_version for e in entries if e.op == "upsert" and e.model_version != self.model_version)
             raise ReembedError(f"{stale} log records were embedded by another model version "
                                f"(e.g. {example!r}, serving {self.model_version!r}) "
                                "and no encoder was given to re-embed them")
-        with self._lock:
-            self._apply([LogRecord(op="delete", item_id=e.item_id) for e in newest.values() if e.op != "upsert"])
-            for start in range(0, len(upserts), REPLAY_CHUNK):
-                self._apply(self._current(list(log.read(upserts[start: start + REPLAY_CHUNK])), embed_fn))
+        for start in range(0, len(entries), REPLAY_CHUNK):
+            chunk = entries[start: start + REPLAY_CHUNK]
+            upserts = iter(self._current(list(self.log.read([e for e in chunk if e.op == "upsert"]))))
+            self._apply([next(upserts) if e.op == "upsert" else LogRecord(op="delete", item_id=e.item_id)
+                         for e in chunk])
         if stale:
             logger.info("re-embedded %d log records under model version %s", stale, self.model_version)
-        logger.info("replayed the newest of %d live writes (%d items): %d items live", len(log), len(newest),
-                    len(self))
 
-    def _current(self, records: Sequence[LogRecord], embed_fn: EmbedFn | None) -> list[LogRecord]:
+    def _current(self, records: Sequence[LogRecord]) -> list[LogRecord]:
         """`records` with those of another model version re-embedded under this one."""
         stale = [r for r in records if r.model_version != self.model_version]
-        if not stale or embed_fn is None:
+        if not stale or self._embed_fn is None:
             return list(records)
-        vectors = as_matrix(embed_fn(stale), "re-embedded vectors", self.dim)
+        vectors = as_matrix(self._embed_fn(stale), "re-embedded vectors", self.dim)
         fixed = {id(r): LogRecord(op=r.op, item_id=r.item_id, model_version=self.model_version,
                                   vector=v, content=r.content, content_hash=r.content_hash)
                  for r, v in zip(stale, vectors, strict=True)}

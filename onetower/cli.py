@@ -4,7 +4,9 @@ environment."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,16 +14,19 @@ import polars as pl
 import typer
 from rich.console import Console
 
-from onetower import lifecycle_cli, serve_cli, train_cli
+from onetower import explore_cli, lifecycle_cli, serve_cli, train_cli
 from onetower.settings import (
+    EXPLORER_PORT,
     LOG_LEVEL,
     PORT,
+    PROCESSES,
     LogFormatOpt,
     MetricsPortOpt,
     PortOpt,
 )
 from service.client import Client
 from service.config import ServiceConfig
+from service.explorer import ExplorerConfig, start_explorer
 from service.logs import configure_logging, set_format
 from service.server import start_server
 from training.demo import prepare_demo
@@ -36,6 +41,7 @@ app = typer.Typer(
 app.registered_commands.extend(train_cli.app.registered_commands)
 app.registered_commands.extend(lifecycle_cli.app.registered_commands)
 app.registered_commands.extend(serve_cli.app.registered_commands)
+app.registered_commands.extend(explore_cli.app.registered_commands)
 
 
 @app.callback()
@@ -57,22 +63,34 @@ def demo(
     max_steps: Annotated[int | None, typer.Option(help="Training steps (default: the demo config's).")] = None,
     exit_after_query: Annotated[bool, typer.Option(help="Stop after the example query instead of serving.")]
     = False,
+    processes: Annotated[int, PROCESSES.option(min=0)] = PROCESSES.default,
+    explorer_port: Annotated[int, EXPLORER_PORT.option(min=0, max=65535)] = EXPLORER_PORT.default,
     log_format: LogFormatOpt = None,
 ) -> None:
     """Run the whole product on an embedded default and keep serving it.
 
     synthetic catalog -> train (Lightning) -> register (MLflow, sqlite store in WORKDIR) ->
-    reindex (FAISS) -> serve (gRPC) -> one example query. Run again on the same WORKDIR to
-    reuse what is there. Ctrl-C stops the server.
+    reindex (FAISS) -> serve (gRPC) -> one example query, and the explorer's web page beside the
+    server. Run again on the same WORKDIR to reuse what is there. Ctrl-C stops both.
     """
     set_format(log_format)
     started = time.perf_counter()
     art = prepare_demo(workdir, n_items=items, n_users=users, max_steps=max_steps, out=console)
     config = ServiceConfig(model_uri=art.model_uri, index_root=art.index_root, tracking_uri=art.tracking_uri,
                            port=port, metrics_port=metrics_port, cache_dir=workdir / "model-cache")
-    running = start_server(config)
-    target = f"127.0.0.1:{running.port}"
-    console.print(f"[green]serving[/] on {target} after {time.perf_counter() - started:.0f}s")
+    count = processes or os.cpu_count() or 1
+    port, stop, serve_on = _serve(config, count)
+    target = f"127.0.0.1:{port}"
+    console.print(f"[green]serving[/] on {target} after {time.perf_counter() - started:.0f}s"
+                  + (f" ({count} processes)" if count > 1 else ""))
+    try:
+        explorer_url, stop_explorer = start_explorer(ExplorerConfig(
+            target=target, catalog=art.dataset.catalog, tracking_uri=art.tracking_uri,
+            index_root=art.index_root, cache_dir=workdir / "model-cache", port=explorer_port))
+        console.print(f"[green]explorer[/] on {explorer_url}  (look at neighbours, drop in a new item)")
+    except RuntimeError as e:  # its port taken: the demo still serves
+        stop_explorer = _nothing
+        console.print(f"[yellow]explorer not started[/]: {e}")
     titles = serve_cli.load_titles(art.dataset.catalog)
     query_id = _example_item(art.dataset.catalog)
     with Client(target) as client:
@@ -84,10 +102,31 @@ def demo(
         f"  .venv/bin/onetower query {query_id} -k 10 --target {target} --catalog {art.dataset.catalog}\n"
         f"  .venv/bin/onetower info --target {target}\n"
         f"  grpcurl -plaintext {target} list   (reflection is on)")
-    if exit_after_query:
-        running.stop()
-        return
-    serve_cli.serve_until_signal(running)
+    try:
+        if exit_after_query:
+            stop()
+            return
+        serve_on()
+    finally:
+        stop_explorer()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _serve(config: ServiceConfig, processes: int) -> tuple[int, Callable[[], None], Callable[[], None]]:
+    """Start one server or a process group: (port, stop now, serve until a signal then stop)."""
+    if processes > 1:
+        group, held = serve_cli.start_group_or_exit(config, processes)
+
+        def stop_group() -> None:
+            group.stop()
+            held.close()
+
+        return group.port, stop_group, lambda: serve_cli.supervise_until_signal(group, held)
+    running = start_server(config)
+    return running.port, running.stop, lambda: serve_cli.serve_until_signal(running)
 
 
 def _example_item(catalog: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from onetower.settings import (
     MAX_CONCURRENT_RPCS,
     METRICS_HOST,
     PRECISION,
+    PROCESSES,
     TARGET,
     IndexRootOpt,
     LogFormatOpt,
@@ -36,6 +38,7 @@ from onetower.settings import (
 )
 from service.client import Client, Neighbor
 from service.config import DEFAULT_PORT, ServiceConfig
+from service.group import PortInUseError, ProcessGroup, start_group
 from service.logs import set_format
 from service.server import RunningServer, start_server
 
@@ -53,7 +56,10 @@ def serve(
     tracking_uri: TrackingOpt = None,
     host: Annotated[str, HOST.option()] = HOST.default,
     port: PortOpt = DEFAULT_PORT,
-    workers: Annotated[int, typer.Option(help="gRPC handler threads.")] = 8,
+    threads: Annotated[int, typer.Option("--threads", "--workers", min=1,
+                                         help="gRPC handler threads in each process (--workers: the old name).")]
+    = 8,
+    processes: Annotated[int, PROCESSES.option(min=0)] = PROCESSES.default,
     poll_seconds: Annotated[float, typer.Option(
         help="How often to look for a new model alias / published index pair (0: never).")] = 30.0,
     metrics_port: MetricsPortOpt = None,
@@ -82,13 +88,49 @@ def serve(
     set_format(log_format)
     bound_registry_downloads()
     config = ServiceConfig(model_uri=model, index_root=index_root, tracking_uri=tracking_uri, host=host, port=port,
-                           workers=workers, poll_seconds=poll_seconds, metrics_port=metrics_port,
+                           workers=threads, poll_seconds=poll_seconds, metrics_port=metrics_port,
                            metrics_host=metrics_host, cache_dir=cache_dir, auth_token=auth_token, tls_cert=tls_cert,
                            tls_key=tls_key, max_concurrent_rpcs=max_concurrent_rpcs,
                            registry_timeout_s=registry_timeout, precision=precision.value)
+    count = processes or os.cpu_count() or 1
+    if count > 1:
+        serve_group_until_signal(config, count)
+        return
     running = start_server(config)
     console.print(f"[green]serving[/] on {host}:{running.port}  (Ctrl-C to stop)")
     serve_until_signal(running)
+
+
+def serve_group_until_signal(config: ServiceConfig, processes: int) -> None:
+    """Start a `--processes` group, print where it serves, supervise it until SIGINT/SIGTERM, then stop it."""
+    group, held = start_group_or_exit(config, processes)
+    console.print(f"[green]serving[/] on {config.host}:{group.port} with {processes} processes "
+                  f"(pids {', '.join(map(str, group.pids))}; Ctrl-C to stop)")
+    supervise_until_signal(group, held)
+
+
+def start_group_or_exit(config: ServiceConfig, processes: int) -> tuple[ProcessGroup, contextlib.ExitStack]:
+    try:
+        return start_group(config, processes)
+    except PortInUseError as e:
+        console.print(f"[red]error[/]: {e}")
+        raise typer.Exit(1) from None
+
+
+def supervise_until_signal(group: ProcessGroup, held: contextlib.ExitStack) -> None:
+    """Restart members that die until SIGINT/SIGTERM, then stop the group and release its port."""
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("signal %d: stopping the process group", signum)
+        group.request_stop()
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        group.supervise()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        group.stop()
+        held.close()
 
 
 # A registry that accepts connections and then hangs mid-download would hold the watcher for MLflow's

@@ -17,6 +17,7 @@ import typer
 from embed.encoder import Precision
 from index.config import HnswStorage, IndexKind
 from service.config import DEFAULT_PORT
+from service.explorer.config import DEFAULT_EXPLORER_PORT
 from service.logs import FORMATS
 from training.lifecycle.tracking import DEFAULT_MODEL_URI
 from training.reindex.driver import Engine
@@ -52,7 +53,7 @@ class Setting:
 TRACKING_URI = Setting(
     ("--tracking-uri",), ("ONETOWER_TRACKING_URI", "MLFLOW_TRACKING_URI"), None,
     "MLflow tracking and registry URI, e.g. sqlite:///mlflow.db or http://mlflow:5000.",
-    ("train", "reindex", "serve", "evaluate", "promote", "rollback", "refresh"),
+    ("train", "reindex", "serve", "evaluate", "promote", "rollback", "refresh", "explore"),
     shown_default="sqlite:///mlflow.db in the current folder")
 MODEL = Setting(
     ("--model",), ("ONETOWER_MODEL",), DEFAULT_MODEL_URI,
@@ -61,10 +62,11 @@ MODEL = Setting(
 INDEX_ROOT = Setting(
     ("--index-root",), ("ONETOWER_INDEX_ROOT",), Path("index"),
     "Folder that reindex publishes index versions into (CURRENT points at the served one).",
-    ("reindex", "serve", "promote", "rollback", "refresh"))
+    ("reindex", "serve", "promote", "rollback", "refresh", "explore"))
 CATALOG = Setting(
     ("--catalog",), ("ONETOWER_CATALOG",), None, "Catalog parquet (README's schema).",
-    ("train", "reindex", "refresh", "evaluate", "query"), shown_default="— (train, reindex, refresh need it)")
+    ("train", "reindex", "refresh", "evaluate", "query", "explore"),
+    shown_default="— (train, reindex, refresh need it)")
 INTERACTIONS = Setting(
     ("--interactions",), ("ONETOWER_INTERACTIONS",), None,
     "Interactions parquet: user_id, item_id, ts, event, weight.",
@@ -105,23 +107,37 @@ METRICS_HOST = Setting(("--metrics-host",), ("ONETOWER_METRICS_HOST",), None,
 AUTH_TOKEN = Setting(
     ("--auth-token", "--token"), ("ONETOWER_AUTH_TOKEN",), None,
     "Bearer token: serve requires `authorization: Bearer TOKEN` on every RPC but health; query and info send it.",
-    ("serve", "query", "info"), shown_default="none (no auth)")
+    ("serve", "query", "info", "explore"), shown_default="none (no auth)")
 MAX_CONCURRENT_RPCS = Setting(
     ("--max-concurrent-rpcs",), ("ONETOWER_MAX_CONCURRENT_RPCS",), None,
     "Refuse calls beyond this many in flight at once with RESOURCE_EXHAUSTED (health is exempt).", ("serve",),
     shown_default="no limit")
+PROCESSES = Setting(
+    ("--processes",), ("ONETOWER_PROCESSES",), 1,
+    "Server processes sharing the port (SO_REUSEPORT), each a whole server following the same index root "
+    "and live-write log, restarted if it dies; 0: one per core. Not --threads, which counts a process's "
+    "handler threads.", ("serve", "demo"))
 TARGET = Setting(("--target",), ("ONETOWER_TARGET",), f"127.0.0.1:{DEFAULT_PORT}", "host:port of a running server.",
-                 ("query", "info"))
+                 ("query", "info", "explore"))
 LOG_FORMAT = Setting(
     ("--log-format",), ("ONETOWER_LOG_FORMAT",), None,
     f"Log lines on stderr: {' or '.join(FORMATS)} (one JSON object per line: ts, level, logger, msg, request_id, "
     "rpc, code, model_version, ...).", (GLOBAL, "serve", "demo", "refresh"), shown_default="text")
 LOG_LEVEL = Setting(("--log-level",), ("ONETOWER_LOG_LEVEL",), "INFO", "DEBUG, INFO, WARNING or ERROR.", (GLOBAL,))
+EXPLORER_HOST = Setting(("--explorer-host",), ("ONETOWER_EXPLORER_HOST",), "127.0.0.1",
+                        "Interface the explorer's web page binds; it has no login of its own, so loopback unless "
+                        "you mean it.", ("explore",))
+EXPLORER_PORT = Setting(("--explorer-port",), ("ONETOWER_EXPLORER_PORT",), DEFAULT_EXPLORER_PORT,
+                        "HTTP port of the explorer's web page (0 picks a free one).", ("explore", "demo"))
+TLS_ROOT_CERT = Setting(("--tls-root-cert",), ("ONETOWER_TLS_ROOT_CERT",), None,
+                        "PEM root certificate(s) to trust: the service speaks TLS (serve --tls-cert).", ("explore",),
+                        shown_default="plaintext")
 
 SETTINGS: tuple[Setting, ...] = (
     TRACKING_URI, MODEL, INDEX_ROOT, CATALOG, INTERACTIONS, DATA, RUNS, TRAIN_CONFIG, EXPERIMENT, INDEX_KIND,
     HNSW_STORAGE, DEVICE, PRECISION, ENGINE, RAY_ADDRESS, HOST, PORT, METRICS_PORT, METRICS_HOST, AUTH_TOKEN,
-    MAX_CONCURRENT_RPCS, TARGET, LOG_FORMAT, LOG_LEVEL,
+    MAX_CONCURRENT_RPCS, PROCESSES, TARGET, LOG_FORMAT, LOG_LEVEL,
+    EXPLORER_HOST, EXPLORER_PORT, TLS_ROOT_CERT,
 )
 
 # The options several commands share, ready for a signature: `tracking_uri: TrackingOpt = None`.

@@ -55,11 +55,16 @@ class ServiceConfig:
     max_concurrent_rpcs: int | None = None
     metrics_port: int | None = None
     metrics_host: str | None = None  # the /metrics interface; None: the gRPC `host`
+    # several processes share the port (SO_REUSEPORT; set by a `--processes` group for its members only)
+    reuse_port: bool = False
     cache_dir: Path = Path(".onetower-cache")
     auth_token: str | None = None  # set: every RPC but health and reflection needs `authorization: Bearer <token>`
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS only
     tls_key: Path | None = None
     limits: Limits = Limits()
+    # refuse UpsertItems/DeleteItems (FAILED_PRECONDITION "read_only") and open no live-write log: a second
+    # server pinned to a candidate version beside the served one (the explorer's compare) appends nothing
+    read_only: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -116,6 +116,9 @@ def guarded(method: F) -> F:
     @wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         metrics = getattr(self, "metrics", None)
+        admission = getattr(self, "admission", None)
+        if admission is not None and not admission.enter():
+            admission.refuse(name, context)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -131,9 +134,11 @@ def guarded(method: F) -> F:
                 logger.debug("%s refused: %s %s", name, err.code.name, err)
             context.abort(err.code, str(err))
         finally:
+            if admission is not None:
+                admission.leave()
+                admission.log_call(name, context, code, started)
             if metrics is not None:
-                metrics.requests.labels(name, code.name).inc()
-                metrics.latency.labels(name).observe(time.perf_counter() - started)
+                metrics.count(name, code.name, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -12,10 +13,12 @@ import numpy as np
 
 from embed.errors import InvalidItemError
 from embed.items import Item
+from index.errors import LogRewrittenError
 from index.live import Hit
-from index.log import LogRecord
+from index.log import LogRecord, WriteLog
 from protos.onetower.v1 import onetower_pb2 as pb
 from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
+from service.admission import Admission
 from service.batching import MicroBatcher
 from service.config import Limits
 from service.errors import ServiceError, exhausted, guarded, invalid, not_found, to_service_error, unavailable
@@ -43,11 +46,13 @@ MISSING_SHOWN = 20  # GetEmbeddings: missing ids named in the message
 class RecommendationsServicer(pb_grpc.RecommendationsServicer):
     """Answers the public contract from the holder's current snapshot."""
 
-    def __init__(self, holder: SnapshotHolder, limits: Limits, metrics: Metrics, batcher: MicroBatcher) -> None:
+    def __init__(self, holder: SnapshotHolder, limits: Limits, metrics: Metrics, batcher: MicroBatcher,
+                 admission: Admission | None = None) -> None:
         self.holder = holder
         self.limits = limits
         self.metrics = metrics
         self.batcher = batcher
+        self.admission = admission
 
     def _encode(self, snap: Snapshot, items: Sequence[Item], context: grpc.ServicerContext) -> np.ndarray:
         self.metrics.queue_depth.set(self.batcher.depth())
@@ -56,9 +61,12 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         return self.batcher.encode(snap.encoder, items, timeout=timeout)
 
     def _snapshot(self) -> Snapshot:
+        """The served snapshot, its live view caught up with the log: a write another process of a
+        `--processes` group (or another server on the same index root) acknowledged is seen here."""
         snap = self.holder.current
         if snap is None:
             raise unavailable("the model and index are still loading; retry shortly")
+        snap.index.catch_up()
         return snap
 
     @guarded
@@ -73,6 +81,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
 
     @guarded
     def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.ServicerContext) -> pb.UpsertItemsResponse:
+        _check_writable(self.holder.config.read_only)
         items = [stored_form(it) for it in parse_items(request.items, self.limits, need_id=True)]
         k = request.neighbors_k
         if k < 0 or k > self.limits.max_k:
@@ -119,6 +128,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
 
     @guarded
     def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.ServicerContext) -> pb.DeleteItemsResponse:
+        _check_writable(self.holder.config.read_only)
         ids = check_ids(request.item_ids, "item_ids", self.limits.max_ids)
         with self.holder.write_lock:
             snap = self._snapshot()
@@ -143,7 +153,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         hits = snap.index.search(vectors, k, exclude=exclude,
                                  attributes_equal=dict(request.filter.attributes_equal) or None,
                                  min_score=min_score, self_ids=self_ids, params=params)
-        self.metrics.batch_size.labels("SimilarItems").observe(n)
+        self.metrics.observe_batch("SimilarItems", n)
         return pb.SimilarItemsResponse(results=[_neighbors(h) for h in hits], model_version=snap.model_version,
                                        index_version=snap.index.index_version)
 
@@ -230,7 +240,19 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         snap = self._snapshot()
         return pb.GetInfoResponse(model_name=snap.model.name, model_version=snap.model_version,
                                   model_alias=snap.model.alias, index_version=snap.index.index_version,
-                                  item_count=len(snap.index), dim=snap.index.dim, index_kind=snap.index.kind)
+                                  item_count=len(snap.index), dim=snap.index.dim, index_kind=snap.index.kind,
+                                  pid=os.getpid())
+
+    @guarded
+    def GetLiveItems(self, request: pb.GetLiveItemsRequest,
+                     context: grpc.ServicerContext) -> pb.GetLiveItemsResponse:
+        ids = check_ids(request.item_ids, "item_ids", self.limits.max_items)
+        snap = self._snapshot()
+        found = live_contents(snap.index.log, [i for i in dict.fromkeys(ids) if i in snap.index])
+        return pb.GetLiveItemsResponse(
+            items=[pb.Item(item_id=i, title=found[i].title, description=found[i].description or "",
+                           attributes=found[i].attributes, images=list(found[i].images)) for i in ids if i in found],
+            missing_item_ids=[i for i in ids if i not in found])
 
 
 def history_vector(events: Sequence[pb.HistoryEvent], lookup: Callable[[str], np.ndarray | None],
@@ -285,3 +307,27 @@ def _embedding(item_id: str, vector: np.ndarray, modalities: Sequence[str]) -> p
 
 def _neighbors(hits: Sequence[Hit]) -> pb.Neighbors:
     return pb.Neighbors(neighbors=[pb.Neighbor(item_id=h.item_id, score=h.score) for h in hits])
+
+
+def live_contents(log: WriteLog | None, item_ids: Sequence[str], retries: int = 3) -> dict[str, Item]:
+    """The logged content of those `item_ids` whose newest log record is an upsert (`GetLiveItems`).
+
+    A compaction between listing and reading moves the records: the listing is taken again.
+    """
+    if log is None or not item_ids:
+        return {}
+    wanted = set(item_ids)
+    for _ in range(retries):
+        newest = {e.item_id: e for e in log.entries if e.item_id in wanted}
+        try:
+            return {r.item_id: Item.from_content(r.item_id, r.content)
+                    for r in log.read([e for e in newest.values() if e.op == "upsert"])}
+        except LogRewrittenError:
+            continue
+    raise unavailable("the live-write log was rewritten during every read; retry")
+
+
+def _check_writable(read_only: bool) -> None:
+    if read_only:
+        raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "read_only",
+                           "this server is read-only (a pinned version beside the served one); write to the served one")

@@ -92,7 +92,7 @@ class SnapshotHolder:
                                    precision=self.config.precision)
             encoder.max_pixels = self.config.limits.max_image_pixels
             _warm_up(encoder)
-            if self._log is None:
+            if self._log is None and not self.config.read_only:
                 self._log = WriteLog(root / LOG_FILE)
             with self.write_lock:
                 index = LiveIndex(published, self._log, ref.version, IndexConfig(threads=self.config.faiss_threads),

@@ -47,8 +47,8 @@ def write_result(name: str, rows: list[dict[str, Any]], notes: str = "") -> Path
     lines = [f"# {name}", "", f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
              f"faiss {info['faiss']}", f"command: `{info['command']}`", "", notes, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-              for r in rows]
+    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+              + " |" for r in rows]
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

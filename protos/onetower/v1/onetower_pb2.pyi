@@ -213,7 +213,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "model_alias", "index_version", "item_count", "dim", "index_kind")
+    __slots__ = ("model_name", "model_version", "model_alias", "index_version", "item_count", "dim", "index_kind", "pid")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ALIAS_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,7 @@ class GetInfoResponse(_message.Message):
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     model_alias: str
@@ -228,4 +229,19 @@ class GetInfoResponse(_message.Message):
     item_count: int
     dim: int
     index_kind: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_alias: _Optional[str] = ..., index_version: _Optional[str] = ..., item_count: _Optional[int] = ..., dim: _Optional[int] = ..., index_kind: _Optional[str] = ...) -> None: ...
+    pid: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_alias: _Optional[str] = ..., index_version: _Optional[str] = ..., item_count: _Optional[int] = ..., dim: _Optional[int] = ..., index_kind: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class GetLiveItemsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetLiveItemsResponse(_message.Message):
+    __slots__ = ("items", "missing_item_ids")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    missing_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...

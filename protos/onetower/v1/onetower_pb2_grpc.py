@@ -83,6 +83,11 @@ class RecommendationsStub:
                 request_serializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.GetLiveItems = channel.unary_unary(
+                '/onetower.v1.Recommendations/GetLiveItems',
+                request_serializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetLiveItemsRequest.SerializeToString,
+                response_deserializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetLiveItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommendationsServicer:
@@ -152,6 +157,16 @@ class RecommendationsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLiveItems(self, request, context):
+        """The stored content (title, description, attributes, images) of items written by UpsertItems since the
+        last reindex folded the live-write log into a published index. The service keeps only the vectors of
+        the published index's items: those ids, and unknown or deleted ones, come back in missing_item_ids.
+        At most 256 ids per request by default (RESOURCE_EXHAUSTED "too_many_ids").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommendationsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +204,11 @@ def add_RecommendationsServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetInfoRequest.FromString,
                     response_serializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'GetLiveItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLiveItems,
+                    request_deserializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetLiveItemsRequest.FromString,
+                    response_serializer=protos_dot_onetower_dot_v1_dot_onetower__pb2.GetLiveItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +414,33 @@ class Recommendations:
             '/onetower.v1.Recommendations/GetInfo',
             protos_dot_onetower_dot_v1_dot_onetower__pb2.GetInfoRequest.SerializeToString,
             protos_dot_onetower_dot_v1_dot_onetower__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLiveItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onetower.v1.Recommendations/GetLiveItems',
+            protos_dot_onetower_dot_v1_dot_onetower__pb2.GetLiveItemsRequest.SerializeToString,
+            protos_dot_onetower_dot_v1_dot_onetower__pb2.GetLiveItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

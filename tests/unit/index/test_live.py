@@ -456,3 +456,45 @@ def test_batches_over_tombstones_equal_exact(live: LiveIndex, reference: Referen
         _check(hits, reference.search(qi, 10, exclude=["m2"]))
     # batches that FAISS would run on BLAS skip the selector (which forces its scan)
     assert bool(over_fetched) == (n_queries >= IndexConfig().blas_min_batch)
+
+
+def _same_view(a: LiveIndex, b: LiveIndex, reference: Reference) -> None:
+    assert len(a) == len(b) == len(reference.items)
+    q = _queries(5)
+    for qi, ha, hb in zip(q, a.search(q, 10), b.search(q, 10), strict=True):
+        _check(ha, reference.search(qi, 10))
+        _check(hb, reference.search(qi, 10))
+
+
+def test_two_views_of_one_log_follow_each_other(flat_root: Path, log_path: Path, reference: Reference) -> None:
+    """Two processes' views (two WriteLogs on one path: flock treats them as two processes)."""
+    a = LiveIndex(load_version(flat_root), WriteLog(log_path), "1", IndexConfig(kind="flat"))
+    b = LiveIndex(load_version(flat_root), WriteLog(log_path), "1", IndexConfig(kind="flat"))
+    rng = np.random.default_rng(21)
+    first = [_upsert(f"x{i}", v, _attrs(i)) for i, v in enumerate(_unit(rng, 5))]
+    a.upsert(first)
+    reference.upsert(first)
+    assert b.vector("x0") is None  # not yet looked
+    assert b.catch_up() == 5 and b.catch_up() == 0  # nothing new: two stat calls and out
+    np.testing.assert_array_equal(b.vector("x3"), first[3].vector)
+    assert a.delete(["m7", "x1"]) == 2
+    reference.delete(["m7", "x1"])
+    later = [_upsert("y0", _unit(rng, 1)[0])]
+    b.upsert(later)  # b's write applies a's deletes first, so b never holds a write without those before it
+    reference.upsert(later)
+    assert b.vector("m7") is None and b.vector("x1") is None
+    a.catch_up()
+    _same_view(a, b, reference)
+    assert b.delete(["x0"]) == 1  # b decides liveness on the latest log
+    reference.delete(["x0"])
+    again = [_upsert(f"x{i}", v) for i, v in zip((2, 3), _unit(rng, 2), strict=True)]
+    a.upsert(again)
+    reference.upsert(again)
+    assert a.log is not None and b.log is not None
+    assert a.log.compact() > 0  # a rewrites the file: b rereads it and applies its newest records again
+    assert a.catch_up() == 0  # a's own rewrite: a knows where its view went
+    b.catch_up()
+    _same_view(a, b, reference)
+    for view in (a, b):
+        assert view.log is not None
+        view.log.close()

@@ -21,10 +21,11 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
         assert generated == committed, f"{name} is stale: run `make protos` and commit the result"
 
 
-def test_contract_declares_all_seven_rpcs() -> None:
+def test_contract_declares_all_eight_rpcs() -> None:
     from protos.onetower.v1 import onetower_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["Recommendations"]
     assert service.full_name == "onetower.v1.Recommendations"
     assert {m.name for m in service.methods} == {
-        "EmbedItems", "UpsertItems", "DeleteItems", "SimilarItems", "RecommendForUser", "GetEmbeddings", "GetInfo"}
+        "EmbedItems", "UpsertItems", "DeleteItems", "SimilarItems", "RecommendForUser", "GetEmbeddings", "GetInfo",
+        "GetLiveItems"}

@@ -47,7 +47,7 @@ def test_json_lines_carry_request_id_rpc_code_and_model_version(
     assert served is not None
     assert by_id["req-ok-1"]["code"] == "OK" and by_id["req-missing-2"]["code"] == "NOT_FOUND"
     assert by_id["req-ok-1"]["model_version"] == served.model_version
-    assert by_id["req-ok-1"]["level"] == "DEBUG" and by_id["req-ok-1"]["logger"] == "service.server"
+    assert by_id["req-ok-1"]["level"] == "DEBUG" and by_id["req-ok-1"]["logger"] == "service.admission"
     mine = next(r for r in records if r["logger"] == "onetower.test")
     assert mine["msg"] == "with args" and mine["rows"] == 3 and mine["ts"].endswith("Z")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from service.client import Client
 from service.server import start_server
 
 from .conftest import Served, make_config
+from .test_reliability import _own_index_root
 
 
 def _free_port() -> int:
@@ -20,9 +22,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_metrics_count_requests_errors_and_latency(served: Served) -> None:
+def test_metrics_count_requests_errors_and_latency(served: Served, tmp_path: Path) -> None:
     port = _free_port()
-    running = start_server(make_config(served, metrics_port=port))
+    running = start_server(make_config(served, index_root=_own_index_root(served, tmp_path / "index"),
+                                       metrics_port=port))  # its own copy: other tests' live writes stay out
     try:
         with Client(f"127.0.0.1:{running.port}") as c:
             for _ in range(3):

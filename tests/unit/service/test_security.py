@@ -82,6 +82,7 @@ RPCS: list[tuple[str, Callable[[], Any]]] = [
     ("RecommendForUser", lambda: pb.RecommendForUserRequest(history=[pb.HistoryEvent(item_id="item-001")], k=3)),
     ("GetEmbeddings", lambda: pb.GetEmbeddingsRequest(item_ids=["item-002"])),
     ("GetInfo", lambda: pb.GetInfoRequest()),
+    ("GetLiveItems", lambda: pb.GetLiveItemsRequest(item_ids=["sec-new"])),
 ]
 RPCS_BY_NAME = dict(RPCS)
 BAD_METADATA = {"missing": None, "wrong": [("authorization", "Bearer nope")],
