@@ -7,106 +7,33 @@ before the end stops the load with `CorruptLogError`, since skipping it would lo
 
 from __future__ import annotations
 
-import base64
 import bisect
 import fcntl
-import json
 import logging
 import os
-import struct
 import threading
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
-
-from index.errors import CorruptLogError, IndexLayerError, LogRewrittenError
+from index.errors import IndexLayerError, LogRewrittenError
 from index.fsio import fsync_dir, make_dirs
+from index.log_format import (
+    HEADER,
+    LogEntry,
+    LogRecord,
+    encode_frame,
+    entry_of,
+    frame_intact,
+    scan_frames,
+)
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "live.log"  # the log's name under an index root
-_HEADER = struct.Struct("<II")
-MAX_RECORD_BYTES = 256 * 1024 * 1024
 REWRITES_KEPT = 16  # generations of own rewrites `translate` can follow a reader through
 COMPACT_MIN_BYTES = 1 << 20  # superseded bytes below this are never worth a rewrite
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    """One live write. `op` is "upsert" (content, vector and model version set) or "delete"."""
-
-    op: str
-    item_id: str
-    model_version: str = ""
-    vector: np.ndarray | None = None  # float32 (dim,)
-    content: Mapping[str, Any] = field(default_factory=dict)  # title, description, attributes, images (bytes)
-    content_hash: str = ""
-
-    def to_bytes(self) -> bytes:
-        content = dict(self.content)
-        content["images"] = [base64.b64encode(bytes(b)).decode() for b in content.get("images", ())]
-        body = {"op": self.op, "item_id": self.item_id, "model_version": self.model_version,
-                "content": content, "content_hash": self.content_hash,
-                "vector": None if self.vector is None else
-                base64.b64encode(np.asarray(self.vector, dtype="<f4").tobytes()).decode()}
-        return json.dumps(body, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LogRecord:
-        body = json.loads(data)
-        content = dict(body.get("content") or {})
-        content["images"] = [base64.b64decode(b) for b in content.get("images", ())]
-        vector = body.get("vector")
-        return cls(op=body["op"], item_id=body["item_id"], model_version=body.get("model_version", ""),
-                   vector=None if vector is None else np.frombuffer(base64.b64decode(vector), dtype="<f4").copy(),
-                   content=content, content_hash=body.get("content_hash", ""))
-
-
-def _intact(data: bytes, pos: int) -> bool:
-    """Whether a whole frame with a matching checksum starts at `pos` (empty payloads never do)."""
-    if pos + _HEADER.size > len(data):
-        return False
-    length, crc = _HEADER.unpack_from(data, pos)
-    end = pos + _HEADER.size + length
-    return 0 < length <= MAX_RECORD_BYTES and end <= len(data) and zlib.crc32(data[pos + _HEADER.size: end]) == crc
-
-
-def _next_intact(data: bytes, start: int, chunk: int = 1 << 20) -> int | None:
-    """The first byte offset at or after `start` where an intact frame begins, or None."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    last = len(data) - _HEADER.size  # exclusive: a frame needs its header and a non-empty payload
-    for lo in range(start, last, chunk):
-        hi = min(lo + chunk, last)
-        b = buf[lo: hi + 3].astype(np.int64)
-        n = hi - lo
-        lengths = b[:n] | b[1: n + 1] << 8 | b[2: n + 2] << 16 | b[3: n + 3] << 24  # u32 LE at each offset
-        room = np.minimum(last - np.arange(lo, hi), MAX_RECORD_BYTES)
-        for off in np.flatnonzero((lengths > 0) & (lengths <= room)):  # only these can hold a whole frame
-            if _intact(data, lo + int(off)):
-                return lo + int(off)
-    return None
-
-
-def _frame(record: LogRecord) -> bytes:
-    payload = record.to_bytes()
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-class LogEntry(NamedTuple):
-    """Where one record lies in the log, and what replay and compaction need of it without its content."""
-
-    op: str
-    item_id: str
-    model_version: str
-    content_hash: str
-    offset: int  # of the frame's header
-    size: int  # of the whole frame, header included
-    crc: int
 
 
 class WriteLog:
@@ -192,7 +119,7 @@ class WriteLog:
         torn tail (caller holds the file lock, so no append is under way)."""
         fd = self._file.fileno()
         grown = 0 <= self._end < size
-        entries, good_end = _scan(fd, self.path, self._end if grown else 0, len(self._entries) if grown else 0)
+        entries, good_end = scan_frames(fd, self.path, self._end if grown else 0, len(self._entries) if grown else 0)
         if size != good_end:
             logger.warning("%s: dropping a torn tail of %d bytes", self.path, size - good_end)
             os.ftruncate(fd, good_end)
@@ -284,10 +211,10 @@ class WriteLog:
         try:
             for e in chosen:
                 frame = os.pread(fd, e.size, e.offset)
-                if len(frame) != e.size or not _intact(frame, 0) or _HEADER.unpack_from(frame)[1] != e.crc:
+                if len(frame) != e.size or not frame_intact(frame, 0) or HEADER.unpack_from(frame)[1] != e.crc:
                     raise LogRewrittenError(f"{self.path}: the record of {e.item_id!r} at byte {e.offset} "
                                             "changed since it was listed (compacted or truncated)")
-                yield LogRecord.from_bytes(frame[_HEADER.size:])
+                yield LogRecord.from_bytes(frame[HEADER.size:])
         finally:
             os.close(fd)
 
@@ -313,7 +240,7 @@ class WriteLog:
             seen are other processes' appends.
         """
         batch = list(records)
-        frames = [_frame(r) for r in batch]
+        frames = [encode_frame(r) for r in batch]
         data = b"".join(frames)
         with self._lock, self._file_lock():
             fd = self._file.fileno()
@@ -322,15 +249,16 @@ class WriteLog:
                 while view:  # O_APPEND; a short write (the disk filled up) goes on until it raises
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
-            except OSError:
+            except OSError as failed:
                 try:
                     os.ftruncate(fd, self._end)  # do not leave half a batch behind
                 except OSError as e:  # e.g. EIO, or a device that cannot be truncated: the next open drops the tail
                     logger.error("%s: could not cut a failed append back to byte %d: %s", self.path, self._end, e)
-                raise
+                raise OSError(failed.errno, f"{failed.strerror or failed} writing {self.path}", str(self.path)) \
+                    from failed
             first, offset = len(self._entries), self._end
             for record, frame in zip(batch, frames, strict=True):
-                self._add(_entry(record, offset, frame))
+                self._add(entry_of(record, offset, frame))
                 offset += len(frame)
             self._end = offset
             return self._generation, first
@@ -427,44 +355,6 @@ class WriteLog:
             compactor.join()
         with self._lock:
             self._file.close()
-
-
-def _entry(record: LogRecord, offset: int, frame: bytes) -> LogEntry:
-    return LogEntry(record.op, record.item_id, record.model_version, record.content_hash, offset, len(frame),
-                    _HEADER.unpack_from(frame)[1])
-
-
-def _scan(fd: int, path: Path, pos: int = 0, first: int = 0) -> tuple[list[LogEntry], int]:
-    """The entries of every intact frame from byte `pos` (frame number `first`), and where they end
-    (a torn tail is left out).
-
-    Raises:
-        CorruptLogError: a damaged or unreadable frame that intact frames follow.
-    """
-    size = os.fstat(fd).st_size
-    entries: list[LogEntry] = []
-    while pos + _HEADER.size <= size:
-        length, crc = _HEADER.unpack(os.pread(fd, _HEADER.size, pos))
-        frame_size = _HEADER.size + length
-        payload = os.pread(fd, length, pos + _HEADER.size) if 0 < length <= min(MAX_RECORD_BYTES, size) else b""
-        if len(payload) != length or length == 0 or zlib.crc32(payload) != crc:
-            # A damaged frame with no intact frame after it is the tail the process died writing
-            # (a partial frame, or garbage/zeros the filesystem left); anything else lost acknowledged writes.
-            rest = os.pread(fd, size - pos, pos)
-            following = _next_intact(rest, 1)
-            if following is None:
-                break
-            raise CorruptLogError(
-                f"{path}: frame {first + len(entries)} at byte {pos} is damaged (checksum mismatch) and "
-                f"intact frames follow it from byte {pos + following}; refusing to drop acknowledged writes")
-        try:
-            body = json.loads(payload)
-            entries.append(LogEntry(str(body["op"]), str(body["item_id"]), str(body.get("model_version", "")),
-                                    str(body.get("content_hash", "")), pos, frame_size, crc))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptLogError(f"{path}: frame {first + len(entries)} at byte {pos} is unreadable: {e}") from None
-        pos += frame_size
-    return entries, pos
 
 
 def _same_prefix(a: Sequence[LogEntry], b: Sequence[LogEntry], n: int) -> bool:
