@@ -47,7 +47,8 @@ def lookup_model(uri: str, tracking_uri: str | None = None, timeout_s: float | N
         path = Path(uri)
         if not path.is_dir():
             raise FileNotFoundError(f"model {uri!r} is neither models:/NAME@ALIAS nor an encoder directory")
-        return ModelRef(name=path.name, version=f"local:{path.resolve()}", alias="", source=str(path))
+        resolved = path.resolve()  # a symlink moved between lookup and load still loads what was looked up
+        return ModelRef(name=path.name, version=f"local:{resolved}", alias="", source=str(resolved))
     name, alias, version = _parse_registry_uri(uri)
     registry = tracking_uri or mlflow.get_tracking_uri()
     if timeout_s is not None and registry.startswith(("http://", "https://")):
