@@ -95,7 +95,9 @@ def test_upsert_delete_rounds_keep_the_log_and_memory_flat(served: Served, tmp_p
             assert client.info().item_count == len(served.items)
         assert max(sizes) < 5_000_000, sizes
         assert max(rss) - rss[0] < 30, rss  # a plateau, not +20 MB a round
-        assert rss[-1] - rss[ROUNDS // 2] < 10, rss
+        # a leak grows every round; the allocator may step once (one +14 MB step seen under CI load)
+        steps = sorted(b - a for a, b in zip(rss, rss[1:], strict=False))
+        assert steps[len(steps) // 2] < 5, rss
     finally:
         proc.terminate()
         proc.wait(30)
