@@ -11,6 +11,11 @@ class IndexVerificationError(IndexLayerError):
     """A published index directory is missing a file, or a file differs from its manifest."""
 
 
+class IndexProbeError(IndexVerificationError):
+    """A published version could not be read and searched in a probe process (`index.probe`): the reader
+    crashed, ran out of memory or time, or found the files inconsistent. The message names the file."""
+
+
 class CorruptLogError(IndexLayerError):
     """The write log holds a damaged frame before its end (not a torn tail)."""
 

@@ -64,14 +64,26 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         """Parse a manifest; refuses one whose own checksum (when it carries one) does not match."""
         data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data))
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, want an object")
+        missing = sorted(set(MANIFEST_TYPES) - set(data))
         if missing:
             raise ValueError(f"manifest lacks {missing}")
         body = {k: v for k, v in data.items() if k != MANIFEST_CHECKSUM}
         if MANIFEST_CHECKSUM in data and data[MANIFEST_CHECKSUM] != _checksum(body):
             raise ValueError(f"its {MANIFEST_CHECKSUM} does not match its content (altered)")
-        return cls(**{k: data[k] for k in known})
+        # a buggy writer's manifest checksums whatever it wrote: the types are checked too (issue 19)
+        wrong = [k for k, t in MANIFEST_TYPES.items() if not isinstance(data[k], t) or isinstance(data[k], bool)]
+        if not wrong and not all(isinstance(v, str) for v in data["files"].values()):
+            wrong = ["files"]
+        if wrong:
+            raise ValueError("wrong types: " + ", ".join(f"{k}={data[k]!r:.40} (want {MANIFEST_TYPES[k].__name__})"
+                                                         for k in wrong))
+        return cls(**{k: data[k] for k in MANIFEST_TYPES})
+
+
+MANIFEST_TYPES: dict[str, type] = {"index_version": str, "model_name": str, "model_version": str, "dim": int,
+                                   "kind": str, "params": dict, "count": int, "created": str, "files": dict}
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -223,17 +235,23 @@ def load_version(root: Path, version: str | None = None, mmap: bool = True) -> P
         raise IndexVerificationError(f"{root} has no {CURRENT} pointer: publish an index first (onetower reindex)")
     directory = root / VERSIONS / version
     manifest = verify_version(directory)
-    index = _read_index(directory / INDEX_FILE, mmap)
+    index = read_index_file(directory / INDEX_FILE, mmap)
     ids = IdMap.read(directory / IDS_FILE)
     vectors = np.load(directory / VECTORS_FILE, mmap_mode="r" if mmap else None)
-    if not (index.ntotal == len(ids) == len(vectors) == manifest.count) or index.d != manifest.dim:
-        raise IndexVerificationError(
-            f"{directory}: counts disagree (index {index.ntotal}, ids {len(ids)}, vectors {len(vectors)}, "
-            f"manifest {manifest.count}) or dim {index.d} != manifest {manifest.dim}")
+    check_shapes(directory, manifest, index, ids, vectors)
     return PublishedIndex(path=directory, manifest=manifest, index=index, ids=ids, vectors=vectors)
 
 
-def _read_index(path: Path, mmap: bool) -> Any:
+def check_shapes(directory: Path, manifest: Manifest, index: Any, ids: IdMap, vectors: np.ndarray) -> None:
+    """Refuse a version whose index, ids, vectors and manifest disagree on the count or the dimension."""
+    if vectors.shape != (manifest.count, manifest.dim) or not index.ntotal == len(ids) == manifest.count \
+            or index.d != manifest.dim:
+        raise IndexVerificationError(
+            f"{directory}: counts or dims disagree (index {index.ntotal} x {index.d}, ids {len(ids)}, vectors "
+            f"{' x '.join(map(str, vectors.shape))}, manifest {manifest.count} x {manifest.dim})")
+
+
+def read_index_file(path: Path, mmap: bool = True) -> Any:
     """Read a FAISS index; with `mmap`, its codes memory-mapped (IO_FLAG_MMAP_IFC), so processes serving
     one version share them in the page cache: measured with FAISS 1.15 at 200k x 128, private memory
     after loading is 0 MB of 98 for flat, 30 of 126 for HNSW (its graph), 1 of 8 for IVF-PQ and 11 of
@@ -298,6 +316,6 @@ def find_version_for_model(root: Path, model_version: str) -> str | None:
         try:
             if read_manifest(root, version).model_version == model_version:
                 return version
-        except IndexVerificationError:
-            logger.warning("skipping index version %s: unreadable manifest", version)
+        except IndexVerificationError as e:
+            logger.warning("skipping index version %s: unreadable manifest (%s)", version, e)
     return None

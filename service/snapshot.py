@@ -19,14 +19,15 @@ from embed.encoder import ItemEncoder
 from embed.items import Item
 from embed.load import load_encoder
 from index.config import IndexConfig
+from index.errors import IndexVerificationError
 from index.live import LiveIndex
 from index.log import LOG_FILE, LogRecord, WriteLog
-from index.publish import find_version_for_model, load_version
+from index.probe import probe_version, version_fingerprint
+from index.publish import VERSIONS, PublishedIndex, find_version_for_model, load_version, verify_version
 from service.config import ServiceConfig
 from service.registry import ModelRef, cached_model, download_model, lookup_model
 
 logger = logging.getLogger(__name__)
-
 
 
 class PairMismatchError(RuntimeError):
@@ -54,6 +55,8 @@ class SnapshotHolder:
         self._current: Snapshot | None = None
         self._log: WriteLog | None = None
         self._swap_lock = threading.Lock()
+        # version -> (fingerprint of its files, why it was refused): not read again until its files change
+        self._refused: dict[str, tuple[tuple[object, ...], IndexVerificationError]] = {}
         # Writers hold this while they write; a swap holds it while the new snapshot replays the log,
         # so no acknowledged write can miss the snapshot that replaces the one it went to.
         self.write_lock = threading.Lock()
@@ -73,6 +76,8 @@ class SnapshotHolder:
 
         Raises:
             PairMismatchError: when the index was built with another model version.
+            IndexVerificationError: the version's files do not verify, or reading them failed in a
+                probe process (`IndexProbeError`); logged once per version and its files.
             MlflowException: the registry could not be reached or refused.
         """
         with self._swap_lock:
@@ -87,7 +92,7 @@ class SnapshotHolder:
             if served is not None and served.model.version == ref.version and \
                     served.index.index_version == version:
                 return False
-            published = load_version(root, version)
+            published = self._load_proven(version)
             encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri),
                                    precision=self.config.precision)
             encoder.max_pixels = self.config.limits.max_image_pixels
@@ -103,6 +108,30 @@ class SnapshotHolder:
                         extra={"model_name": ref.name, "model_version": ref.version,
                                "index_version": index.index_version, "items": len(index)})
             return True
+
+    def _load_proven(self, version: str) -> PublishedIndex:
+        """Load `version` once its checksums verify and a probe process has read and searched it, so a
+        corrupt file (also one whose manifest was rehashed) cannot abort or exhaust this process. A
+        refused version is logged once and refused again from memory until its files change."""
+        root = self.config.index_root
+        fingerprint = version_fingerprint(root, version)
+        refused = self._refused.get(version)
+        if refused is not None and refused[0] == fingerprint:
+            raise refused[1].with_traceback(None)  # not the old traceback, which each raise would extend
+        try:
+            verify_version(root / VERSIONS / version)
+            probe_version(root, version)
+            published = load_version(root, version)
+        except IndexVerificationError as e:
+            self._refused = {v: r for v, r in self._refused.items() if (root / VERSIONS / v).is_dir()}
+            self._refused[version] = (fingerprint, e)
+            served = self._current.index.index_version if self._current is not None else None
+            logger.warning("refusing index version %s%s: %s", version,
+                           f" (still serving {served})" if served else "", e,
+                           extra={"event": "index_refused", "index_version": version})
+            raise
+        self._refused.pop(version, None)
+        return published
 
     def _lookup(self, registry_timeout_s: float | None) -> ModelRef:
         """The model the reference names now. At startup with the registry unreachable, the model the
@@ -170,6 +199,9 @@ class Watcher:
         except PairMismatchError as e:
             self._recovered()
             logger.warning("not swapping: %s", e)
+        except IndexVerificationError as e:  # refresh logged the refusal once; the served snapshot stays
+            self._recovered()
+            logger.debug("not swapping: %s", e)
         except Exception as e:  # noqa: BLE001 - a registry or disk outage must never stop serving
             self._failed(e)
         else:

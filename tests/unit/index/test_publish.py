@@ -162,6 +162,19 @@ def test_manifest_round_trip() -> None:
         Manifest.from_json(json.dumps({"dim": 4}))
 
 
+@pytest.mark.parametrize("field, value", [("files", 1.5), ("files", {"index.faiss": 1}), ("count", "12"),
+                                          ("dim", True), ("params", [1, 2]), ("model_version", None)])
+def test_a_rehashed_manifest_with_wrong_types_is_refused(field: str, value: object) -> None:
+    m = Manifest(index_version="v", model_name="n", model_version="1", dim=4, kind="flat", params={},
+                 count=3, created="2024-01-01T00:00:00Z", files={"index.faiss": "0" * 64})
+    body = {**json.loads(m.to_json()), field: value}
+    body.pop("manifest_sha256")  # a buggy writer's checksum over its own content passes; the types do not
+    with pytest.raises(ValueError, match=f"wrong types: {field}="):
+        Manifest.from_json(json.dumps(body))
+    with pytest.raises(ValueError, match="want an object"):
+        Manifest.from_json("[1, 2]")
+
+
 def test_load_without_current_or_with_unknown_version(tmp_path: Path, publish: Callable[..., str]) -> None:
     with pytest.raises(IndexVerificationError, match="no CURRENT pointer"):
         load_version(tmp_path)

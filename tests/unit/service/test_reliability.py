@@ -1,16 +1,19 @@
 """Reliability through a real server: a full disk under the live log, garbage on the wire, saturation,
-tiny deadlines and animated images. Each test does the damage for real (see docs/RELIABILITY.md)."""
+tiny deadlines, animated images and corrupt index versions offered for a swap. Each test does the damage for real (see docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -18,8 +21,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index.errors import IndexProbeError
 from index.log import WriteLog
+from index.probe import probe_version
+from index.publish import (
+    DATA_FILES,
+    INDEX_FILE,
+    MANIFEST_CHECKSUM,
+    MANIFEST_FILE,
+    VERSIONS,
+    load_version,
+    read_current,
+    set_current,
+)
 from protos.onetower.v1 import onetower_pb2 as pb
+from service import snapshot
 from service.client import Client
 from service.server import RunningServer, start_server
 
@@ -231,3 +247,55 @@ def test_animated_image_embeds_its_first_frame(client: Client, fmt: str) -> None
     cos_other = float(anim @ other / np.linalg.norm(anim) / np.linalg.norm(other))
     assert cos > 0.99, cos
     assert cos > cos_other, (cos, cos_other)
+
+
+def _rehashed_copy(root: Path, version: str, name: str, damage: Callable[[Path], None]) -> str:
+    """A copy of `version` as `name`, damaged, its manifest rehashed over the damage (a buggy writer's)."""
+    directory = root / VERSIONS / name
+    shutil.copytree(root / VERSIONS / version, directory)
+    damage(directory)
+    data = {k: v for k, v in json.loads((directory / MANIFEST_FILE).read_text()).items() if k != MANIFEST_CHECKSUM}
+    data["index_version"] = name
+    data["files"] = {n: hashlib.sha256((directory / n).read_bytes()).hexdigest() for n in DATA_FILES}
+    (directory / MANIFEST_FILE).write_text(json.dumps(data))  # no self-checksum: read as a legacy manifest
+    return name
+
+
+def test_a_corrupt_version_with_a_rehashed_manifest_is_refused_once_and_the_last_good_served(
+        served: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _own_index_root(served, tmp_path / "index")
+    good = read_current(root)
+    assert good is not None
+    probes: list[str] = []
+    monkeypatch.setattr(snapshot, "probe_version", lambda r, v: probes.append(v) or probe_version(r, v))
+    running = start_server(make_config(served, index_root=root))
+    try:
+        assert probes == [good]  # the startup version is proven too
+        half = _rehashed_copy(root, good, "v-truncated", lambda d: (d / INDEX_FILE).write_bytes(
+            (d / INDEX_FILE).read_bytes()[:1000]))
+        with pytest.raises(RuntimeError):  # FAISS itself reads these bytes, were they loaded in the server
+            load_version(root, half)
+        renamed = _rehashed_copy(root, good, "v-renamed", lambda d: None)
+        (root / VERSIONS / renamed / MANIFEST_FILE).write_text(
+            (root / VERSIONS / renamed / MANIFEST_FILE).read_text().replace("v-renamed", good))
+        for bad, why in ((half, f"{half}/{INDEX_FILE} could not be read"), (renamed, "not its folder's name")):
+            set_current(root, bad)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="service.snapshot"):
+                for _ in range(3):  # what the watcher does on its polls: one probe, one warning
+                    with pytest.raises(IndexProbeError, match=why):
+                        running.holder.refresh()
+            refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing")]
+            assert len(refusals) == 1 and f"refusing index version {bad} (still serving {good})" in refusals[0]
+            assert probes.count(bad) == 1
+            with Client(f"127.0.0.1:{running.port}") as c:
+                assert c.health_status() == "SERVING"
+                assert c.info().index_version == good
+                assert len(c.similar(item_ids=[served.items[0].item_id], k=5)[0]) == 5
+        sound = _rehashed_copy(root, good, "v-sound", lambda d: None)
+        set_current(root, sound)
+        assert running.holder.refresh()  # a sound version is still taken
+        with Client(f"127.0.0.1:{running.port}") as c:
+            assert c.info().index_version == sound
+    finally:
+        running.stop(grace=1)
