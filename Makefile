@@ -70,9 +70,11 @@ bench-quick: setup
 	ONETOWER_BENCH_QUICK=1 $(BIN)/python -m pytest tests/benchmarks/test_ann.py tests/benchmarks/test_service_overhead.py \
 	  tests/benchmarks/test_encoder.py -m benchmark -s -p no:cacheprovider --timeout=0
 
-# power cuts at the counts of issue 19 (docs/RELIABILITY.md); not part of `make test`. Counts are options:
-# make chaos CHAOS_ARGS='--log-cuts 20 --publish-cuts 10 --truncate-cuts 10'
-CHAOS_ARGS ?=
+# issue 19's failures at its counts (docs/RELIABILITY.md): power cuts, SIGKILLs of serve and reindex, generated
+# requests, mutated index files, hot swaps under load, a 20-minute soak (plot: docs/reliability-soak.png); about
+# 70 minutes on 2 cores; not part of `make test`. Counts are options (0 skips a part), e.g. a short run:
+# make chaos CHAOS_ARGS='--log-cuts 20 --publish-cuts 10 --truncate-cuts 10 --write-kills 10 --soak-minutes 2'
+CHAOS_ARGS ?= --plot docs/reliability-soak.png
 chaos: setup fuse
 	timeout 7200 $(BIN)/python -m tests.chaos.run_chaos $(CHAOS_ARGS)
 
