@@ -317,5 +317,13 @@ def find_version_for_model(root: Path, model_version: str) -> str | None:
             if read_manifest(root, version).model_version == model_version:
                 return version
         except IndexVerificationError as e:
-            logger.warning("skipping index version %s: unreadable manifest (%s)", version, e)
+            said = (str(root), version, str(e))
+            # a watcher asks every poll: say it once per version and reason, then quietly
+            logger.log(logging.DEBUG if said in _SKIPPED else logging.WARNING,
+                       "skipping index version %s: unreadable manifest (%s)", version, e)
+            if len(_SKIPPED) < 10_000:
+                _SKIPPED.add(said)
     return None
+
+
+_SKIPPED: set[tuple[str, str, str]] = set()  # (root, version, reason) already warned about
