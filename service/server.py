@@ -78,7 +78,8 @@ def tune_malloc() -> None:
 
 
 def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
-    """Bind the port, register everything, then load the model and index (health NOT_SERVING until then).
+    """Bind the port, register everything, then load the model and index (health NOT_SERVING until then);
+    a member of a `--processes` group (`config.reuse_port`) loads first and listens once it can serve.
 
     Raises:
         RuntimeError: the port cannot be bound.
@@ -93,6 +94,15 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
     holder = SnapshotHolder(config)
+    # a member of a --processes group loads before it listens: on a SO_REUSEPORT port the kernel hands new
+    # connections to every listening member, also to one still loading (a 10M-item index takes a minute)
+    early = load and config.reuse_port
+    if early:
+        try:
+            holder.refresh()
+        except BaseException:
+            holder.close()
+            raise
     metrics = Metrics()
     limit = config.max_concurrent_rpcs
     # no interceptor unless a token is required: each costs every call a Python lookup and wrapper
@@ -127,7 +137,8 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
         logger.info("metrics on %s:%d/metrics", metrics_host, config.metrics_port)
     if load:
         try:
-            holder.refresh()
+            if not early:
+                holder.refresh()
         except BaseException:
             server.stop(0).wait()
             batcher.close()

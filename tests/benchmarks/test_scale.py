@@ -301,6 +301,23 @@ def _mapped_kib(smaps: str, folder: str) -> dict[str, int]:
     return out
 
 
+def _wait_members(proc: subprocess.Popen[str], port: int, processes: int, timeout: float) -> None:
+    """Until `processes` distinct members have answered GetInfo (a member listens once it has loaded)."""
+    import grpc
+
+    from protos.onetower.v1 import onetower_pb2 as pb
+    from protos.onetower.v1 import onetower_pb2_grpc as pb_grpc
+
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(pids) < processes:
+        assert proc.poll() is None, "server exited"
+        assert time.monotonic() < deadline, f"only {len(pids)} of {processes} members serve after {timeout:.0f} s"
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            pids.add(pb_grpc.RecommendationsStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10).pid)
+        time.sleep(0.05)
+
+
 def serve_and_measure(encoder_dir: Path, root: Path, queries_path: Path, nprobe: int, processes: int,
                       truth: np.ndarray, work: Path, mapped_gib: float) -> list[dict[str, Any]]:
     """`onetower serve` (--processes `processes`) over `root`: QPS, p50/p99, gRPC recall and memory per concurrency.
@@ -318,6 +335,7 @@ def serve_and_measure(encoder_dir: Path, root: Path, queries_path: Path, nprobe:
     rows = []
     try:
         _wait_serving(proc, port, timeout=1800)
+        _wait_members(proc, port, processes, timeout=1800)
         started = time.perf_counter() - t
         for conc in (1, 8):
             out = subprocess.run([sys.executable, "-c", CLIENT, str(REPO), f"127.0.0.1:{port}", str(conc),
