@@ -144,7 +144,8 @@ def soak(args: argparse.Namespace, world: World, tmp: Path, seed: int) -> tuple[
     p50s, p99s = [s[2] for s in r.samples], [s[3] for s in r.samples]
     return [(f"soak: {args.soak_minutes:g} min of paced searches, recommendations, upserts and deletes",
              f"{sum(r.codes.values())} calls",
-             f"RSS {first[1]:.0f} -> {last[1]:.0f} MiB, growth {r.growth_mib_per_hour():+.1f} MiB/h (second half); "
+             f"RSS {first[1]:.0f} -> {last[1]:.0f} MiB (anon {r.kinds[0][0]:.0f} -> {r.kinds[-1][0]:.0f}, file "
+             f"{r.kinds[0][1]:.0f} -> {r.kinds[-1][1]:.0f}), growth {r.growth_mib_per_hour():+.1f} MiB/h (second half); "
              f"search p50 {_median(p50s):.1f} ms, p99 {_median(p99s):.1f} ms (median of windows)",
              f"failed answers or lost writes: {len(r.failures)}", _seconds(t))], r.failures
 

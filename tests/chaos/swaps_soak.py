@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -246,6 +247,7 @@ def _catalog_ids(world: World) -> list[str]:
 class SoakResult:
     seconds: float = 0.0
     samples: list[tuple[float, float, float, float]] = field(default_factory=list)  # t s, RSS MiB, p50, p99 ms
+    kinds: list[tuple[float, float]] = field(default_factory=list)  # RssAnon, RssFile MiB (heap vs mapped files)
     codes: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
 
@@ -276,6 +278,7 @@ def run_soak(world: World, work: Path, minutes: float, seed: int, every_s: float
             lat = traffic.latencies("search", window, now)
             result.samples.append((now - started, server.rss_kib() / 1024, _quantile_ms(lat, 0.5),
                                    _quantile_ms(lat, 0.99)))
+            result.kinds.append(_rss_kinds(server.pid))
             if not server.alive():
                 result.failures.append(f"the server exited with {server.proc.returncode if server.proc else None}")
                 break
@@ -289,6 +292,13 @@ def run_soak(world: World, work: Path, minutes: float, seed: int, every_s: float
         traffic.finish()
         server.stop()
     return result
+
+
+def _rss_kinds(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile) of a process, MiB: heap growth against pages of mapped files read in."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kib = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.M)}
+    return kib.get("RssAnon", 0) / 1024, kib.get("RssFile", 0) / 1024
 
 
 def plot_soak(result: SoakResult, out: Path) -> Path:
