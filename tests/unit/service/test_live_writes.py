@@ -4,6 +4,7 @@ writes; identical re-upserts write nothing; a slow upsert never holds other writ
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import socket
 import subprocess
@@ -96,7 +97,7 @@ def test_upsert_delete_rounds_keep_the_log_and_memory_flat(served: Served, tmp_p
         assert max(sizes) < 5_000_000, sizes
         assert max(rss) - rss[0] < 30, rss  # a plateau, not +20 MB a round
         # a leak grows every round; the allocator may step once (one +14 MB step seen under CI load)
-        steps = sorted(b - a for a, b in zip(rss, rss[1:], strict=False))
+        steps = sorted(b - a for a, b in itertools.pairwise(rss))
         assert steps[len(steps) // 2] < 5, rss
     finally:
         proc.terminate()
