@@ -233,6 +233,7 @@ def search_index(
     config: IndexConfig,
     vectors: np.ndarray | None = None,
     shape: IndexShape | None = None,
+    checked: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search `index` for the `k` best rows per query.
 
@@ -242,11 +243,12 @@ def search_index(
         vectors: the stored rows; for ivfpq and an sq8 HNSW graph, k*refine_factor hits are
             re-ranked exactly against them, so scores are true inner products.
         shape: `IndexShape.of(index)`, kept by a caller that searches one index many times.
+        checked: `queries` is already what `as_matrix` returns (the caller checked it): not scanned again.
 
     Returns:
         (scores float32 [n, k], labels int64 [n, k]); missing hits have label -1.
     """
-    q = as_matrix(queries, "queries", index.d)
+    q = queries if checked else as_matrix(queries, "queries", index.d)
     if _search_threads and getattr(_applied, "threads", 0) != _search_threads:
         import_faiss().omp_set_num_threads(_search_threads)
         _applied.threads = _search_threads

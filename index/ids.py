@@ -9,7 +9,7 @@ load in each process), collisions settled by comparing the strings.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -45,6 +45,13 @@ class Column(Sequence[Any]):
 
     def __init__(self, array: pa.Array, decode: Any = None) -> None:
         self.array, self._decode = array, decode
+        # one row read straight from the Arrow buffers (offsets, UTF-8 bytes): ~0.5 us instead of
+        # ~2 us through `array[i].as_py()`, which builds a scalar object first; nulls take the slow way
+        buffers = array.buffers()
+        self._fast = array.type == pa.large_string() and not array.null_count and buffers[2] is not None
+        if self._fast:
+            self._offsets = np.frombuffer(buffers[1], np.int64)[array.offset:array.offset + len(array) + 1]
+            self._bytes = memoryview(buffers[2])
 
     def __len__(self) -> int:
         return len(self.array)
@@ -64,8 +71,21 @@ class Column(Sequence[Any]):
             n += len(self)
         if not 0 <= n < len(self):
             raise IndexError(f"row {i} of {len(self)}")
-        value = self.array[n].as_py()
+        value = self.text(n) if self._fast else self.array[n].as_py()
         return self._decode(value) if self._decode else value
+
+    def text(self, n: int) -> str:
+        """Row `n` (0 <= n < len, not checked) as a str, for a column without nulls (`_fast`)."""
+        offsets = self._offsets
+        return str(self._bytes[offsets[n]:offsets[n + 1]], "utf-8")
+
+    def take(self, rows: Iterable[int]) -> list[Any]:
+        """The values at `rows` (each 0 <= row < len), in that order."""
+        if not self._fast:
+            return [self[int(r)] for r in rows]
+        text = self.text
+        values = [text(r) for r in rows]
+        return [self._decode(v) for v in values] if self._decode else values
 
     def __iter__(self) -> Iterator[Any]:
         for start in range(0, len(self), _CHUNK):
@@ -133,10 +153,10 @@ class IdMap:
         """The FAISS label of `item_id`, or None when the map does not hold it."""
         key = hash(item_id)
         i = int(np.searchsorted(self._keys, key))
-        array = self.item_ids.array
-        while i < len(self._keys) and self._keys[i] == key:
+        keys, ids = self._keys, self.item_ids
+        while i < len(keys) and keys[i] == key:
             label = int(self._order[i])
-            if array[label].as_py() == item_id:
+            if ids[label] == item_id:
                 return label
             i += 1
         return None

@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -88,12 +89,14 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
             raise invalid("k_out_of_range", f"neighbors_k={k} must be in [0, {self.limits.max_k}]")
         check_pixels(items, self.limits.max_request_pixels)
         snap = self._write(items, context)
-        neighbors = []
+        hits: list[list[Hit]] = []
         if k > 0:
             vectors = np.stack([_stored_vector(snap, it.item_id) for it in items])
             hits = snap.index.search(vectors, k, self_ids=[it.item_id for it in items])
-            neighbors = [_neighbors(h) for h in hits]
-        return pb.UpsertItemsResponse(upserted=len(items), model_version=snap.model_version, neighbors=neighbors)
+        response = pb.UpsertItemsResponse(upserted=len(items), model_version=snap.model_version)
+        for query_hits in hits:
+            _add_neighbors(response.neighbors.add().neighbors, query_hits)
+        return response
 
     def _write(self, items: Sequence[Item], context: grpc.ServicerContext) -> Snapshot:
         """Encode the changed items outside the write lock, then log and apply them under it.
@@ -154,8 +157,10 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
                                  attributes_equal=dict(request.filter.attributes_equal) or None,
                                  min_score=min_score, self_ids=self_ids, params=params)
         self.metrics.observe_batch("SimilarItems", n)
-        return pb.SimilarItemsResponse(results=[_neighbors(h) for h in hits], model_version=snap.model_version,
-                                       index_version=snap.index.index_version)
+        response = pb.SimilarItemsResponse(model_version=snap.model_version, index_version=snap.index.index_version)
+        for query_hits in hits:
+            _add_neighbors(response.results.add().neighbors, query_hits)
+        return response
 
     def _query_vectors(self, request: pb.SimilarItemsRequest, snap: Snapshot,
                        context: grpc.ServicerContext) -> tuple[np.ndarray, list[str | None]]:
@@ -168,7 +173,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
             which = q.WhichOneof("by")
             self_ids.append(q.item_id if which == "item_id" else None)
             if which == "item_id":
-                check_ids([q.item_id], f"queries[{i}].item_id", 1)
+                check_item_id(q.item_id, f"queries[{i}].item_id")
                 vec = snap.index.vector(q.item_id)
                 if vec is None:
                     raise not_found(f"queries[{i}].item_id {q.item_id!r} is not in the index")
@@ -216,9 +221,10 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
         query, seen = history_vector(events, snap.index.vector, time.time() * 1000)
         hits = snap.index.search(query[None, :], k, exclude=[*seen, *exclude],
                                  attributes_equal=dict(request.filter.attributes_equal) or None, params=params)[0]
-        return pb.RecommendForUserResponse(neighbors=[pb.Neighbor(item_id=h.item_id, score=h.score) for h in hits],
-                                           model_version=snap.model_version, index_version=snap.index.index_version,
-                                           user_vector=pb.Vector(values=query.tolist()))
+        response = pb.RecommendForUserResponse(model_version=snap.model_version, index_version=snap.index.index_version,
+                                               user_vector=pb.Vector(values=query.tolist()))
+        _add_neighbors(response.neighbors, hits)
+        return response
 
     @guarded
     def GetEmbeddings(self, request: pb.GetEmbeddingsRequest,
@@ -305,8 +311,12 @@ def _embedding(item_id: str, vector: np.ndarray, modalities: Sequence[str]) -> p
     return pb.Embedding(item_id=item_id, vector=pb.Vector(values=vector.tolist()), modalities=list(modalities))
 
 
-def _neighbors(hits: Sequence[Hit]) -> pb.Neighbors:
-    return pb.Neighbors(neighbors=[pb.Neighbor(item_id=h.item_id, score=h.score) for h in hits])
+def _add_neighbors(neighbors: Any, hits: Sequence[Hit]) -> None:
+    """Append `hits` to a repeated `Neighbor` field: `add()` in place is ~2x faster than building
+    `Neighbor` messages and a list to pass to a constructor (upb)."""
+    add = neighbors.add
+    for item_id, score in hits:
+        add(item_id=item_id, score=score)
 
 
 def live_contents(log: WriteLog | None, item_ids: Sequence[str], retries: int = 3) -> dict[str, Item]:

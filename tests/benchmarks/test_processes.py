@@ -1,8 +1,10 @@
 """`serve` as one process and as `--processes 2`, beside Python gRPC's floor, in one run (issue 16).
 
-Three servers, each its own process (or group), the same client process for each, on the same cores:
+Four servers, each its own process (or group), the same client process for each, on the same cores:
 - floor: a server on the same proto whose SimilarItems handler returns a prepared response of the
   same shape, doing nothing (what Python gRPC itself costs a call here);
+- floor + search: the floor, making the same FAISS search ours makes first (what gRPC and the search
+  cost together; ours above it is the Python we add);
 - ours: `onetower serve` over an HNSW index, SimilarItems by id, k=10;
 - ours x2: `onetower serve --processes 2`.
 Reported per concurrency: calls a second and the server's CPU time per call (user + system of the
@@ -57,6 +59,35 @@ FLOOR = textwrap.dedent("""
             return resp
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pbg.add_RecommendationsServicer_to_server(Prepared(), server)
+    server.add_insecure_port(f"127.0.0.1:{sys.argv[2]}")
+    server.start()
+    print("serving", flush=True)
+    server.wait_for_termination()
+""")
+
+# the floor plus the same FAISS search ours makes (the stored vector of the queried id, k+1 rows, the
+# index's default effort, one OpenMP thread), with as little Python as can be: what is left above it
+# is the Python we add
+FLOOR_SEARCH = textwrap.dedent("""
+    import sys
+    from concurrent import futures
+    sys.path.insert(0, sys.argv[1])
+    import faiss, grpc, numpy as np
+    from protos.onetower.v1 import onetower_pb2 as pb, onetower_pb2_grpc as pbg
+    version = sys.argv[3]
+    index = faiss.read_index(f"{version}/index.faiss", faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    vectors = np.load(f"{version}/vectors.npy")
+    rows = {f"i{i}": i for i in range(len(vectors))}
+    resp = pb.SimilarItemsResponse(results=[pb.Neighbors(neighbors=[pb.Neighbor(item_id=f"i{j}", score=0.5)
+                                                                    for j in range(10)])],
+                                   model_version="1", index_version="v")
+    class Searching(pbg.RecommendationsServicer):
+        def SimilarItems(self, request, context):
+            faiss.omp_set_num_threads(1)
+            index.search(vectors[rows[request.queries[0].item_id]][None], request.k + 1)
+            return resp
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pbg.add_RecommendationsServicer_to_server(Searching(), server)
     server.add_insecure_port(f"127.0.0.1:{sys.argv[2]}")
     server.start()
     print("serving", flush=True)
@@ -183,6 +214,9 @@ def test_processes_beside_the_grpc_floor(tmp_path: Path) -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     port = _free_port()
     results["floor"] = _run([sys.executable, "-c", FLOOR, str(REPO), str(port)], port)
+    port = _free_port()
+    version = next((root / "versions").iterdir())
+    results["floor + search"] = _run([sys.executable, "-c", FLOOR_SEARCH, str(REPO), str(port), str(version)], port)
     baseline = os.environ.get("ONETOWER_BENCH_BASELINE")
     if baseline:  # `python -m onetower.cli` from that folder imports its code first
         port = _free_port()
@@ -194,12 +228,16 @@ def test_processes_beside_the_grpc_floor(tmp_path: Path) -> None:
     for name, by_conc in results.items():
         for conc, r in by_conc.items():
             floor = results["floor"][conc]
+            searched = results["floor + search"][conc]
             rows.append({"server": name, "concurrency": conc, **{k: round(v, 4) for k, v in r.items()},
                          "cpu_above_floor_ms": round(r["server_cpu_ms_per_call"] - floor["server_cpu_ms_per_call"], 4),
+                         "cpu_above_floor_search_ms": round(
+                             r["server_cpu_ms_per_call"] - searched["server_cpu_ms_per_call"], 4),
                          "qps_vs_floor": round(r["qps"] / floor["qps"], 3)})
     two, one = results["ours x2"][8]["qps"], results["ours x1"][8]["qps"]
     rows.append({"server": "ours x2 / ours x1", "concurrency": 8, "qps": round(two / one, 3)})
     write_result("processes", rows,
                  f"SimilarItems by id, k=10, HNSW over {N} x {DIM}; {SECONDS:.0f} s per cell; client in its own "
                  "process (one connection per calling thread) on the same cores as the server(s); server CPU from "
-                 "/proc (the process and its children).")
+                 "/proc (the process and its children); cpu_above_floor_search_ms: ours above the floor that "
+                 "also makes the FAISS search (the Python ours adds).")

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index.ids import MAX_ITEM_ID_BYTES, IdMap, check_item_id
+from index.ids import MAX_ITEM_ID_BYTES, Column, IdMap, check_item_id
 
 COLOURS, SIZES = ["red", "blue", "green"], ["s", "m", "l", "xl"]
 
@@ -33,6 +33,26 @@ def test_label_lookup(id_map: IdMap) -> None:
     assert id_map.label("item-60") is None and id_map.label("") is None
     assert "item-5" in id_map and "nope" not in id_map and 5 not in id_map
     assert id_map.item_ids[id_map.label("item-42")] == "item-42"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("array", [
+    pa.array(["a", "bé", "", "日本語" * 40, "z"], pa.large_string()),
+    pa.array(["skip", "a", "bé", "", "日本語" * 40, "z", "skip"], pa.large_string()).slice(1, 5),  # offset
+    pa.array(["a", None, "", "日本語", "z"], pa.large_string()),  # nulls: the slow way
+    pa.array(["a", "bé", "", "日本語", "z"], pa.string()),  # not large: the slow way
+])
+def test_column_rows_read_from_the_buffers_match_arrow(array: pa.Array) -> None:
+    column, expected = Column(array), array.to_pylist()
+    assert [column[i] for i in range(len(array))] == expected == list(column) == column[:]
+    assert column[-1] == expected[-1]
+    assert column.take([4, 0, 4, 2]) == [expected[4], expected[0], expected[4], expected[2]]
+    assert column.take(np.array([1, 3])) == [expected[1], expected[3]]
+    with pytest.raises(IndexError):
+        column[len(array)]
+
+
+def test_column_decodes_what_it_takes(id_map: IdMap) -> None:
+    assert id_map.attributes.take([8, 7]) == [{"colour": "red", "size": "m", "brand": "acme ünïcode"}, {}]
 
 
 @pytest.mark.parametrize("wanted", [
