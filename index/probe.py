@@ -104,19 +104,6 @@ def probe_version(root: Path, version: str, timeout_s: float = PROBE_TIMEOUT_S,
     raise IndexProbeError(f"{where}: {_why(proc.returncode, timed_out, timeout_s, lines)}")
 
 
-def version_fingerprint(root: Path, version: str) -> tuple[object, ...]:
-    """(size, mtime, inode) of each of a version's files (None when missing): changes when any is rewritten."""
-    out: list[object] = []
-    for name in (MANIFEST_FILE, *DATA_FILES):
-        try:
-            st = (root / VERSIONS / version / name).stat()
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(out)
-
-
 def _why(code: int, timed_out: bool, timeout_s: float, lines: list[str]) -> str:
     """Why a child that reported no verdict of its own ended, with the last thing it printed."""
     output = [line.strip() for line in lines if line.strip() and not line.startswith(STEP + " ")]

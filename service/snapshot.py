@@ -22,8 +22,15 @@ from index.config import IndexConfig
 from index.errors import IndexVerificationError
 from index.live import LiveIndex
 from index.log import LOG_FILE, LogRecord, WriteLog
-from index.probe import probe_version, version_fingerprint
-from index.publish import VERSIONS, PublishedIndex, find_version_for_model, load_version, verify_version
+from index.probe import probe_version
+from index.publish import (
+    VERSIONS,
+    PublishedIndex,
+    find_version_for_model,
+    load_version,
+    verify_version,
+    version_fingerprint,
+)
 from service.config import ServiceConfig
 from service.registry import ModelRef, cached_model, download_model, lookup_model
 
@@ -121,7 +128,7 @@ class SnapshotHolder:
         try:
             verify_version(root / VERSIONS / version)
             probe_version(root, version)
-            published = load_version(root, version)
+            published = load_version(root, version, verified=fingerprint)  # hashed once, just above
         except IndexVerificationError as e:
             self._refused = {v: r for v, r in self._refused.items() if (root / VERSIONS / v).is_dir()}
             self._refused[version] = (fingerprint, e)

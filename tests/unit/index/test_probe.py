@@ -19,7 +19,7 @@ import pytest
 from index.config import IndexConfig
 from index.errors import IndexProbeError
 from index.ids import IdMap
-from index.probe import probe_version, version_fingerprint
+from index.probe import probe_version
 from index.publish import (
     DATA_FILES,
     INDEX_FILE,
@@ -30,6 +30,7 @@ from index.publish import (
     load_version,
     publish_index,
     verify_version,
+    version_fingerprint,
 )
 
 N, DIM = 60, 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from index.publish import (
     read_current,
     set_current,
     verify_version,
+    version_fingerprint,
 )
 
 N, DIM = 200, 16
@@ -125,6 +127,25 @@ def test_damaged_files_are_refused_by_name(publish: Callable[..., str], tmp_path
         verify_version(tmp_path / VERSIONS / version)
     # the previous version is untouched and can keep serving
     assert load_version(tmp_path, previous).manifest.index_version == previous
+
+
+def test_a_version_verified_is_not_hashed_again_unless_a_file_changed(
+        publish: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import index.publish as publish_module
+
+    version = publish()
+    fingerprint = version_fingerprint(tmp_path, version)
+    verify_version(tmp_path / VERSIONS / version)
+    hashed: list[Path] = []
+    real = publish_module.sha256_file
+    monkeypatch.setattr(publish_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    assert load_version(tmp_path, version, verified=fingerprint).manifest.index_version == version
+    assert hashed == []
+    time.sleep(0.05)  # past the filesystem's timestamp granularity (a few ms), so the rewrite moves the mtime
+    _alter(tmp_path / VERSIONS / version / VECTORS_FILE)  # after the verification: the fingerprint moves
+    with pytest.raises(IndexVerificationError, match=VECTORS_FILE):
+        load_version(tmp_path, version, verified=fingerprint)
+    assert len(hashed) == 3
 
 
 @pytest.mark.parametrize("field, value", [("model_version", "4"), ("count", N - 1), ("dim", 8),
