@@ -113,5 +113,59 @@ def fold_log(records: Sequence[LogRecord], rows: IndexRows, model_version: str, 
     return len(stale) - refused, refused
 
 
+@dataclass(frozen=True)
+class CatalogRow:
+    """What the catalog a reindex reads says of one item: its content hashes (as the catalog holds it, and
+    with image metadata stripped as the service stores live writes) and when it was last updated."""
+
+    content_hashes: frozenset[str]
+    updated_ms: int | None  # ms since the epoch; None: the catalog does not say
+
+
+@dataclass(frozen=True)
+class LogPlan:
+    """What a reindex does with the live-write log's records (`reconcile_log`)."""
+
+    fold: list[LogRecord]  # the newest write of each item that wins over the catalog, in log order
+    keep: list[int]  # indices of the records to keep after publishing: the catalog does not show them yet
+    replaced: int  # items whose catalog row was updated at or after their newest write: the catalog wins
+
+
+def reconcile_log(records: Sequence[LogRecord], catalog: Mapping[str, CatalogRow]) -> LogPlan:
+    """Decide, per item written live, between its newest log record and the catalog being reindexed.
+
+    `catalog` holds (at least) the catalog rows of the items the records name; an item missing from
+    it is not in the catalog. For each item's newest record:
+    - the catalog row was updated at or after the write (`updated_ms >= written_ms`): the catalog is
+      newer and wins; the record is not folded and is dropped;
+    - otherwise the write wins and is folded. Its record is dropped once the catalog shows it (an
+      upsert: the item's catalog content hashes to the written content; a delete: the item is not in
+      the catalog), and kept otherwise, so the next reindex from a catalog that still lags applies it
+      again instead of undoing an acknowledged write.
+    Older records of an item are dropped (its newest decides). A record without a time (`written_ms` 0:
+    written before records had one) is folded and dropped, as every record was then.
+    """
+    newest: dict[str, int] = {}
+    for i, r in enumerate(records):
+        newest.pop(r.item_id, None)  # items new to the index come in the order they were last written
+        newest[r.item_id] = i
+    fold: list[LogRecord] = []
+    keep: list[int] = []
+    replaced = 0
+    for item_id, i in newest.items():
+        r, row = records[i], catalog.get(item_id)
+        if not r.written_ms:
+            fold.append(r)
+            continue
+        if row is not None and row.updated_ms is not None and row.updated_ms >= r.written_ms:
+            replaced += 1
+            continue
+        fold.append(r)
+        shown = (row is not None and r.content_hash in row.content_hashes) if r.op == "upsert" else row is None
+        if not shown:
+            keep.append(i)
+    return LogPlan(fold=fold, keep=sorted(keep), replaced=replaced)
+
+
 def _attributes(record: LogRecord) -> dict[str, str]:
     return {str(k): str(v) for k, v in dict(record.content.get("attributes") or {}).items()}

@@ -10,8 +10,10 @@ Readers never take a lock: each write builds a new immutable `_State` and swaps 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -282,6 +284,8 @@ class LiveIndex:
 
         What other processes appended before these records is applied first, so this view never
         holds a write without every write acknowledged before it."""
+        now_ms = time.time_ns() // 1_000_000
+        records = [r if r.written_ms else dataclasses.replace(r, written_ms=now_ms) for r in records]
         if self.log is None:
             self._apply(records)
             return
@@ -365,7 +369,7 @@ class LiveIndex:
             return list(records)
         vectors = as_matrix(self._embed_fn(stale), "re-embedded vectors", self.dim)
         fixed = {id(r): LogRecord(op=r.op, item_id=r.item_id, model_version=self.model_version,
-                                  vector=v, content=r.content, content_hash=r.content_hash)
+                                  vector=v, content=r.content, content_hash=r.content_hash, written_ms=r.written_ms)
                  for r, v in zip(stale, vectors, strict=True)}
         return [fixed.get(id(r), r) for r in records]
 
@@ -376,13 +380,18 @@ class LiveIndex:
         vectors, count, rows = s.fresh_vectors, s.fresh_count, dict(s.fresh_row)
         ids, attrs, hashes = s.fresh_ids, s.fresh_attrs, s.fresh_hashes
         alive = np.concatenate([s.fresh_alive, np.zeros(sum(r.op == "upsert" for r in records), bool)])
+        main_version = self.main.manifest.model_version
         for r in records:
             old = rows.get(r.item_id)
+            label = self.main.ids.label(r.item_id)
+            if old is None and label is not None and label not in dead and r.op == "upsert" \
+                    and r.model_version == main_version and r.content_hash \
+                    and self.main.ids.content_hashes[label] == r.content_hash:
+                continue  # the main index holds this write already (a reindex folded it and kept its record)
             if old is not None:
                 alive[old] = False
                 if r.op != "upsert":
                     del rows[r.item_id]
-            label = self.main.ids.label(r.item_id)
             if label is not None:
                 dead.add(label)
             if r.op != "upsert":

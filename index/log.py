@@ -263,8 +263,9 @@ class WriteLog:
             self._end = offset
             return self._generation, first
 
-    def truncate(self, keep_from: int = 0) -> None:
-        """Drop records before index `keep_from` (after they were folded into a published index).
+    def truncate(self, keep_from: int = 0, keep: Iterable[int] = ()) -> None:
+        """Drop records before index `keep_from` (after they were folded into a published index), except
+        those at the indices `keep` (writes the catalog does not show yet, see `reconcile_log`).
 
         Records appended after this object read the log, by it or by another process, are kept:
         the file is reread under the lock and only its first `keep_from` records are dropped.
@@ -275,14 +276,18 @@ class WriteLog:
         """
         if keep_from < 0:
             raise ValueError(f"keep_from={keep_from} must be >= 0")
+        held = sorted(set(keep))
+        if held and not 0 <= held[0] <= held[-1] < keep_from:
+            raise ValueError(f"keep={held[:5]}...: indices to keep must be in [0, keep_from={keep_from})")
         with self._lock:
             seen, generation = self._entries, self._generation
             with self._file_lock():
                 if self._generation != generation and not _same_prefix(seen, self._entries, keep_from):
                     raise LogRewrittenError(f"{self.path}: rewritten by another process since it was read; "
                                             f"refusing to drop its first {keep_from} records")
-                rewritten = (self._generation, list(range(keep_from, len(self._entries))))
-                kept = self._rewrite(self._entries[keep_from:])
+                order = [*held, *range(keep_from, len(self._entries))]
+                rewritten = (self._generation, order)
+                kept = self._rewrite([self._entries[i] for i in order])
             self._reopen(kept, rewritten)
 
     def compact(self) -> int:

@@ -35,12 +35,15 @@ class LogRecord:
     vector: np.ndarray | None = None  # float32 (dim,)
     content: Mapping[str, Any] = field(default_factory=dict)  # title, description, attributes, images (bytes)
     content_hash: str = ""
+    # when the write was made (ms since the epoch, the writer's clock): a reindex lets a catalog row updated
+    # at or after it replace it (`index.compact.reconcile_log`); 0: unknown (records of older versions)
+    written_ms: int = 0
 
     def to_bytes(self) -> bytes:
         content = dict(self.content)
         content["images"] = [base64.b64encode(bytes(b)).decode() for b in content.get("images", ())]
         body = {"op": self.op, "item_id": self.item_id, "model_version": self.model_version,
-                "content": content, "content_hash": self.content_hash,
+                "content": content, "content_hash": self.content_hash, "written_ms": self.written_ms,
                 "vector": None if self.vector is None else
                 base64.b64encode(np.asarray(self.vector, dtype="<f4").tobytes()).decode()}
         return json.dumps(body, separators=(",", ":")).encode()
@@ -53,7 +56,8 @@ class LogRecord:
         vector = body.get("vector")
         return cls(op=body["op"], item_id=body["item_id"], model_version=body.get("model_version", ""),
                    vector=None if vector is None else np.frombuffer(base64.b64decode(vector), dtype="<f4").copy(),
-                   content=content, content_hash=body.get("content_hash", ""))
+                   content=content, content_hash=body.get("content_hash", ""),
+                   written_ms=int(body.get("written_ms") or 0))
 
 
 def frame_intact(data: bytes, pos: int) -> bool:

@@ -45,9 +45,34 @@ def read_catalog(path: Path) -> pl.DataFrame:
         _image_refs_col(df),
         pl.col("images") if "images" in df.columns else pl.lit([], dtype=pl.List(pl.Binary)).alias("images"),
     ]
-    if "updated_at" not in df.columns:
-        cols.append(pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("updated_at"))
+    cols.append(_updated_at_col(df, path))
     return df.with_columns(cols)
+
+
+def _updated_at_col(df: pl.DataFrame, path: Path) -> pl.Expr:
+    """`updated_at` as UTC datetimes: a datetime column (one without a zone is read as UTC), a date, or
+    ISO 8601 text; absent: all null. A reindex lets a row updated at or after a live write replace it."""
+    utc = pl.Datetime("us", "UTC")
+    if "updated_at" not in df.columns:
+        return pl.lit(None, dtype=utc).alias("updated_at")
+    dtype, col = df.schema["updated_at"], pl.col("updated_at")
+    if isinstance(dtype, pl.Datetime):
+        zoned = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
+        return zoned.cast(utc)
+    if dtype == pl.Date:
+        return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype == pl.Null:
+        return col.cast(utc)
+    if dtype == pl.String:
+        try:
+            df.select(col.str.to_datetime(time_zone="UTC", time_unit="us"))
+        except pl.exceptions.PolarsError as e:
+            why = str(e).strip().splitlines()[0][:200]
+            raise CatalogError(f"{path}: updated_at holds text that is not ISO 8601 times in one format ({why})") \
+                from None
+        return col.str.to_datetime(time_zone="UTC", time_unit="us")
+    raise CatalogError(f"{path}: updated_at is {dtype}; want a datetime, a date or ISO 8601 text "
+                       "(epoch numbers: convert them, e.g. polars' pl.from_epoch)")
 
 
 def _text_col(df: pl.DataFrame, name: str) -> pl.Expr:

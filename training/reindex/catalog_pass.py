@@ -8,17 +8,22 @@ engine's vectors for) everything else and writes it shard by shard, so a crash c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from embed.encoder import ItemEncoder
+from embed.image_bytes import strip_metadata
 from embed.items import Item
-from index.compact import IndexRows
+from index.compact import CatalogRow, IndexRows
 from index.publish import PublishedIndex
 from index.shards import ShardStore
+from training.data.catalog import iter_items
 from training.data.embedding import embed_batch, embed_pipelined
 
 logger = logging.getLogger(__name__)
@@ -163,3 +168,16 @@ class ShardWriter:
                 row += 1
         self.counts.embedded += row
         self.counts.skipped += len(entries) - row
+
+
+def catalog_rows(frame: pl.DataFrame, base: Path, item_ids: Iterable[str]) -> dict[str, CatalogRow]:
+    """The catalog's rows of `item_ids` (those it holds) as `reconcile_log` compares them with live writes:
+    content hashed as read, and with image metadata stripped as the service stores an upsert."""
+    wanted = frame.filter(pl.col("item_id").is_in(list(item_ids)))
+    updated = dict(zip(wanted["item_id"].to_list(), wanted["updated_at"].dt.epoch("ms").to_list(), strict=True))
+    out: dict[str, CatalogRow] = {}
+    for item in iter_items(wanted, base):
+        stripped = dataclasses.replace(item, images=tuple(strip_metadata(b) for b in item.images))
+        out[item.item_id] = CatalogRow(frozenset({item.content_hash(), stripped.content_hash()}),
+                                       updated[item.item_id])
+    return out

@@ -78,5 +78,7 @@ def describe_reindex(result: ReindexResult) -> str:
     """One line for a person: what was published, how much was embedded, reused and folded, how fast."""
     rate = (result.count + result.skipped) / max(result.seconds, 1e-9)
     return (f"published index [bold green]{result.index_version}[/]: {result.count} items ({result.embedded} "
-            f"embedded, {result.reused} reused, {result.resumed} resumed, {result.folded} live writes folded), "
+            f"embedded, {result.reused} reused, {result.resumed} resumed, {result.folded} live writes folded"
+            f"{f' ({result.pending} kept in the log until the catalog shows them)' if result.pending else ''}"
+            f"{f', {result.replaced} live writes replaced by newer catalog rows' if result.replaced else ''}), "
             f"{result.skipped} skipped, {result.seconds:.1f}s ({rate:.0f} items/s) in {result.path}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +23,7 @@ import polars as pl
 
 from embed.encoder import ItemEncoder
 from embed.items import Item
-from index.compact import IndexRows, fold_log
+from index.compact import CatalogRow, IndexRows, LogPlan, fold_log, reconcile_log
 from index.config import IndexConfig
 from index.errors import IndexVerificationError, LogRewrittenError
 from index.log import LOG_FILE, LogRecord, WriteLog
@@ -31,7 +31,7 @@ from index.publish import PublishedIndex, load_version, prune_versions, publish_
 from index.shards import ShardStore
 from training.data.catalog import iter_items, read_catalog
 from training.data.embedding import embed_batch
-from training.reindex.catalog_pass import PassCounts, Progress, ShardWriter, VectorReuse
+from training.reindex.catalog_pass import PassCounts, Progress, ShardWriter, VectorReuse, catalog_rows
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class ReindexResult:
     reused: int = 0  # vectors taken from the CURRENT index (incremental, content unchanged)
     resumed: int = 0  # vectors taken from the shards of an interrupted run
     dropped: int = 0  # items of the CURRENT index no longer in the catalog (incremental)
-    folded: int = 0  # live-log records folded in, then dropped from the log
+    folded: int = 0  # live writes (an item's newest log record) folded in: they won over the catalog
+    pending: int = 0  # of those, kept in the log: the catalog does not show them yet (see `reconcile_log`)
+    replaced: int = 0  # live writes the catalog replaced: its row was updated at or after the write
     pruned: tuple[str, ...] = ()  # index versions removed
 
 
@@ -106,8 +108,9 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
         incremental: reuse the CURRENT index's vectors of items whose content hash is unchanged,
             when it was built under `model_version` (a few are re-embedded to confirm that);
             otherwise every item is embedded. Items no longer in the catalog are dropped either way.
-        fold_log: fold the live-write log into the new index and, once it is published, drop
-            the folded records from the log (records appended meanwhile stay).
+        fold_log: fold the live-write log into the new index where it wins over the catalog and, once
+            published, drop the records the catalog now shows or replaced (`index.compact.reconcile_log`);
+            records appended meanwhile stay.
         log_path: the live-write log (default `index_root/live.log`, where the service writes).
         work_dir: where shards of embedded items are kept until publication (default
             `default_work_dir(index_root, model_version)`); rerunning after a crash resumes from them.
@@ -119,9 +122,11 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
             sample and builds and publishes; only the items to embed go to the engine.
 
     The log may be open in a running server meanwhile: `WriteLog` locks it across processes, so
-    records the server appends while this runs are kept. Live writes are folded into the index,
-    not into the catalog: a later reindex from a catalog that still lacks an upserted item (or
-    still has a deleted one) undoes that write. One reindex per index root at a time.
+    records the server appends while this runs are kept. A live write wins over a catalog row
+    updated before it (or without `updated_at`) and stays in the log until the catalog shows it,
+    so a later reindex from a catalog that still lacks an upserted item (or still has a deleted
+    one) applies it again rather than undoing it; a row updated at or after the write replaces it.
+    One reindex per index root at a time.
 
     Raises:
         ValueError: the catalog is off the schema, or no item could be embedded.
@@ -147,9 +152,10 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
         incremental = incremental and "reused" not in bad
     catalog_ids = set(frame["item_id"].to_list())
     dropped = sum(i not in catalog_ids for i in previous.ids.item_ids) if previous is not None else 0
-    published, folded, log_counts = _publish(rows, encoder, model_name, model_version, index_root, index_config,
-                                             log_path or index_root / LOG_FILE if fold_log else None,
-                                             f"{catalog}: no item could be embedded ({counts.skipped} skipped)")
+    published, plan, log_counts = _publish(rows, encoder, model_name, model_version, index_root, index_config,
+                                           log_path or index_root / LOG_FILE if fold_log else None,
+                                           f"{catalog}: no item could be embedded ({counts.skipped} skipped)",
+                                           lambda item_ids: catalog_rows(frame, catalog.parent, item_ids))
     pruned = prune_versions(index_root, keep_versions) if keep_versions is not None else []
     store.clear()
     if work_dir is None:
@@ -158,10 +164,12 @@ def reindex(catalog: Path, encoder: ItemEncoder, model_name: str, model_version:
         index_version=published.manifest.index_version, path=published.path, count=published.manifest.count,
         embedded=counts.embedded + log_counts[0], skipped=counts.skipped + log_counts[1],
         seconds=time.perf_counter() - started, reused=counts.reused, resumed=counts.resumed, dropped=dropped,
-        folded=folded, pruned=tuple(pruned))
+        folded=len(plan.fold), pending=len(plan.keep), replaced=plan.replaced, pruned=tuple(pruned))
     logger.info("published index %s: %d items (%d embedded, %d reused, %d resumed, %d skipped, %d dropped, "
-                "%d log records folded) in %.1fs", result.index_version, result.count, result.embedded,
-                result.reused, result.resumed, result.skipped, result.dropped, result.folded, result.seconds)
+                "%d live writes folded, %d of them kept in the log until the catalog shows them, %d replaced by "
+                "newer catalog rows) in %.1fs", result.index_version, result.count, result.embedded, result.reused,
+                result.resumed, result.skipped, result.dropped, result.folded, result.pending, result.replaced,
+                result.seconds)
     return result
 
 
@@ -204,34 +212,35 @@ def _embed_with_engine(engine: EmbedEngine, todo: pl.DataFrame, base: Path, defe
 
 
 def _publish(rows: IndexRows, encoder: ItemEncoder, model_name: str, model_version: str, index_root: Path,
-             index_config: IndexConfig, log_path: Path | None,
-             empty_message: str) -> tuple[PublishedIndex, int, tuple[int, int]]:
-    """Fold the log at `log_path` (if any) into `rows`, publish, then drop the folded records.
+             index_config: IndexConfig, log_path: Path | None, empty_message: str,
+             catalog: Callable[[set[str]], Mapping[str, CatalogRow]]) -> tuple[PublishedIndex, LogPlan, tuple[int, int]]:
+    """Fold the log at `log_path` (if any) into `rows` where it wins over `catalog` (the rows of the
+    items it names), publish, then drop the records the catalog now shows or replaced.
 
     Returns:
-        The published index, how many log records were folded and dropped, and (embedded,
-        refused) among the log's upserts.
+        The published index, what was done with the log's records, and (embedded, refused) among
+        the upserts folded.
     """
     log = WriteLog(log_path) if log_path is not None and log_path.exists() else None
     try:
         records = log.records if log is not None else []
-        log_counts = fold_log(records, rows, model_version, encoder.dim, lambda batch: _reembed(encoder, batch),
+        plan = reconcile_log(records, catalog({r.item_id for r in records}) if records else {})
+        log_counts = fold_log(plan.fold, rows, model_version, encoder.dim, lambda batch: _reembed(encoder, batch),
                               encoder.batch_size)
         if not len(rows):
             raise ValueError(empty_message)
         ids, vectors = rows.finish(encoder.dim)
         published = publish_index(index_root, vectors, ids, index_config, model_name, model_version)
-        folded = len(records)
         if log is not None and records:
-            try:
-                log.truncate(keep_from=folded)  # by position: what was appended since stays
+            try:  # by position: what was appended since stays
+                log.truncate(keep_from=len(records), keep=plan.keep)
             except LogRewrittenError as e:  # replaying folded records over the new index changes nothing
                 logger.warning("kept the live-write log whole: %s", e)
-                folded = 0
+                plan = LogPlan(fold=plan.fold, keep=list(range(len(records))), replaced=plan.replaced)
     finally:
         if log is not None:
             log.close()
-    return published, folded, log_counts
+    return published, plan, log_counts
 
 
 def _reembed(encoder: ItemEncoder, records: Sequence[LogRecord]) -> tuple[np.ndarray, list[str]]:

@@ -179,6 +179,30 @@ def test_truncate_keeps_records_from_an_index(path: Path, records: list[LogRecor
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
 
 
+def test_truncate_keeps_the_records_asked_for_and_a_reader_follows(path: Path, records: list[LogRecord]) -> None:
+    log, reader = WriteLog(path), WriteLog(path)
+    log.append(records)
+    seen = log.view()[0]  # a follower that had applied every record of this generation
+    log.truncate(keep_from=len(records) - 1, keep=[2, 0, 2])
+    kept = [records[0], records[2], records[-1]]
+    assert [r.item_id for r in log.records] == [r.item_id for r in kept]
+    assert log.translate(seen, len(records)) == (log.view()[0], 3)  # ... has applied all 3 kept
+    assert log.translate(seen, 1) == (log.view()[0], 1)  # one that had applied only the first: 1 of them
+    reader.sync()
+    assert [r.item_id for r in reader.records] == [r.item_id for r in kept]
+    with pytest.raises(ValueError, match="keep"):
+        log.truncate(keep_from=1, keep=[1])
+    for a, b in zip(kept, WriteLog(path).records, strict=True):
+        _same(a, b)
+
+
+def test_the_write_time_round_trips_and_old_records_read_as_unknown(path: Path) -> None:
+    log = WriteLog(path)
+    log.append([LogRecord(op="delete", item_id="a", written_ms=1_800_000_000_123)])
+    assert log.records[0].written_ms == 1_800_000_000_123
+    assert LogRecord.from_bytes(b'{"op":"delete","item_id":"b"}').written_ms == 0  # written before it had one
+
+
 def test_concurrent_appends_are_all_kept_whole(path: Path) -> None:
     log = WriteLog(path)
 

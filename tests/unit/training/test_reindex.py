@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -23,6 +25,7 @@ from embed.load import load_encoder, save_encoder
 from embed.model import UnifiedEncoder
 from embed.tokens import TextTokenizer
 from index.config import IndexConfig
+from index.live import LiveIndex
 from index.log import LOG_FILE, LogRecord, WriteLog
 from index.publish import PublishedIndex, list_versions, load_version, read_current
 from training.data.catalog import iter_items, read_catalog
@@ -220,7 +223,7 @@ def upsert(encoder: ItemEncoder, item: Item, model_version: str) -> LogRecord:
                      content=item.to_content(), content_hash=item.content_hash())
 
 
-def test_the_live_log_is_folded_in_and_only_the_folded_records_are_dropped(
+def test_records_without_a_time_are_folded_in_and_dropped(
         base: Base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = copy_root(base, tmp_path)
     enc = base.encoder
@@ -242,7 +245,7 @@ def test_the_live_log_is_folded_in_and_only_the_folded_records_are_dropped(
     monkeypatch.setattr(reindex_module, "publish_index", publish_while_the_server_writes)
     result = reindex(base.catalog, enc, "tiny", VERSION, root, FLAT)
 
-    assert (result.folded, result.count) == (6, N_ITEMS - 2 + 2 - 1)
+    assert (result.folded, result.pending, result.count) == (5, 0, N_ITEMS - 2 + 2 - 1)  # no times: all dropped
     published = load_version(root)
     vectors = vectors_by_id(published)
     assert {"live-1", "live-2", "item-005"} <= set(vectors) and not {"item-007", "gone", "live-3"} & set(vectors)
@@ -333,3 +336,40 @@ def test_the_reindex_command_runs_the_ray_engine(base: Base, tmp_path: Path, ray
     assert f"{N_ITEMS - 2} embedded" in " ".join(result.output.split())
     np.testing.assert_allclose(load_version(tmp_path / "ix").vectors, load_version(base.root).vectors, rtol=0,
                                atol=1e-6)
+
+
+def test_a_lagging_catalog_does_not_undo_live_writes_and_a_newer_row_replaces_one(base: Base, tmp_path: Path) -> None:
+    root, enc = copy_root(base, tmp_path), base.encoder
+    t0 = 1_800_000_000_000  # ms since the epoch: the catalog's rows are from t0, the live writes after
+    at = lambda ms: datetime.fromtimestamp(ms / 1000, UTC)  # noqa: E731
+    lagging = write_catalog(tmp_path / "lagging", [r | {"updated_at": at(t0)} for r in rows(N_ITEMS)])
+    new, changed = Item(item_id="live-1", title="green wool lamp"), Item(item_id="item-005", title="a bag, restyled")
+    log = WriteLog(root / LOG_FILE)
+    log.append([dataclasses.replace(upsert(enc, new, VERSION), written_ms=t0 + 10),
+                dataclasses.replace(upsert(enc, changed, VERSION), written_ms=t0 + 20),
+                LogRecord(op="delete", item_id="item-007", model_version=VERSION, written_ms=t0 + 30)])
+    log.close()
+
+    for _ in range(2):  # a nightly reindex from an upstream snapshot that lags, twice: the writes stay
+        result = reindex(lagging, enc, "tiny", VERSION, root, FLAT)
+        assert (result.folded, result.pending, result.replaced) == (3, 3, 0)
+        published = load_version(root)
+        assert "live-1" in published.ids and "item-007" not in published.ids
+        assert published.ids.content_hashes[published.ids.label("item-005")] == changed.content_hash()  # type: ignore[index]
+        served = LiveIndex(published, WriteLog(root / LOG_FILE), VERSION)
+        assert served._state.fresh_count == 0 and len(served) == published.manifest.count  # kept records: no-ops
+        served.log.close()  # type: ignore[union-attr]
+
+    # upstream catches up: live-1 as written; item-005 edited again after the live write; item-007 not deleted yet
+    caught_up = [r | {"updated_at": at(t0)} for r in rows(N_ITEMS) if r["item_id"] != "item-005"]
+    caught_up += [{"item_id": "live-1", "title": "green wool lamp", "description": "", "attributes": "{}",
+                   "colour": None, "updated_at": at(t0 + 5)},
+                  {"item_id": "item-005", "title": "a bag, third edit", "description": "", "attributes": "{}",
+                   "colour": None, "updated_at": at(t0 + 25)}]
+    result = reindex(write_catalog(tmp_path / "caught-up", caught_up), enc, "tiny", VERSION, root, FLAT)
+    assert (result.folded, result.pending, result.replaced) == (2, 1, 1)
+    published = load_version(root)
+    third = Item(item_id="item-005", title="a bag, third edit").content_hash()
+    assert published.ids.content_hashes[published.ids.label("item-005")] == third  # type: ignore[index]
+    assert "live-1" in published.ids and "item-007" not in published.ids
+    assert [(r.op, r.item_id) for r in WriteLog(root / LOG_FILE).records] == [("delete", "item-007")]
