@@ -158,9 +158,10 @@ class RecommendationsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLiveItems(self, request, context):
-        """The stored content (title, description, attributes, images) of items written by UpsertItems since the
-        last reindex folded the live-write log into a published index. The service keeps only the vectors of
-        the published index's items: those ids, and unknown or deleted ones, come back in missing_item_ids.
+        """The stored content (title, description, attributes, images) of items written by UpsertItems and still in
+        the live-write log: since the last reindex, or kept there by it because the catalog it read did not show
+        the write yet. The service keeps only the vectors of the other published items: those ids, and unknown
+        or deleted ones, come back in missing_item_ids.
         At most 256 ids per request by default (RESOURCE_EXHAUSTED "too_many_ids").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
