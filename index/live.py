@@ -312,6 +312,15 @@ class LiveIndex:
             self.log.sync()
             return self._follow()
 
+    def follow(self) -> int:
+        """Apply every log entry this view has not applied, also those another view of this process
+        appended (which `catch_up` does not look for); returns how many were applied."""
+        if self.log is None:
+            return 0
+        with self._lock:
+            self.log.sync()
+            return self._follow()
+
     def _follow_if_changed(self) -> None:
         if self.log is not None and self.log.changed():
             self.log.sync()

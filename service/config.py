@@ -57,6 +57,10 @@ class ServiceConfig:
     metrics_host: str | None = None  # the /metrics interface; None: the gRPC `host`
     # several processes share the port (SO_REUSEPORT; set by a `--processes` group for its members only)
     reuse_port: bool = False
+    # a `--processes` group's members agree on swaps through slot files here (service/swap_barrier.py)
+    swap_dir: Path | None = None
+    swap_slot: int = 0
+    swap_members: int = 1
     cache_dir: Path = Path(".onetower-cache")
     auth_token: str | None = None  # set: every RPC but health and reflection needs `authorization: Bearer <token>`
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS only

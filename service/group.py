@@ -185,7 +185,10 @@ def start_group(config: ServiceConfig, processes: int) -> tuple[ProcessGroup, co
     try:
         _, port = stack.enter_context(reserve_port(config.host, config.port))
         stack.enter_context(port_lock(port))
-        group = ProcessGroup(replace(config, port=port, reuse_port=True, metrics_port=None), processes, port)
+        swap_dir = Path(tempfile.mkdtemp(prefix="onetower-swap-"))
+        stack.callback(shutil.rmtree, swap_dir, True)
+        group = ProcessGroup(replace(config, port=port, reuse_port=True, metrics_port=None, swap_dir=swap_dir,
+                                     swap_members=processes), processes, port)
         group._context = multiprocessing.get_context("spawn")
         if config.metrics_port is not None:
             group._metrics_dir = Path(tempfile.mkdtemp(prefix="onetower-metrics-"))
@@ -246,7 +249,7 @@ def _member_main(config: ServiceConfig, slot: int, ready: Any, log_format: str, 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C reaches it
     try:
-        running = start_server(config)
+        running = start_server(replace(config, swap_slot=slot))
     except Exception as e:
         if ready is not None:
             ready.put((slot, f"{type(e).__name__}: {e}"))

@@ -33,6 +33,7 @@ from index.publish import (
 )
 from service.config import ServiceConfig
 from service.registry import ModelRef, cached_model, download_model, lookup_model
+from service.swap_barrier import SwapBarrier
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class SnapshotHolder:
         # Writers hold this while they write; a swap holds it while the new snapshot replays the log,
         # so no acknowledged write can miss the snapshot that replaces the one it went to.
         self.write_lock = threading.Lock()
+        # a member of a `--processes` group swaps when every member has loaded the new pair
+        self.barrier = SwapBarrier(config.swap_dir, config.swap_slot, config.swap_members) \
+            if config.swap_dir is not None else None
+        self.stopping = threading.Event()  # set by the watcher's stop: a staged swap stops waiting
 
     @property
     def current(self) -> Snapshot | None:
@@ -106,10 +111,25 @@ class SnapshotHolder:
             _warm_up(encoder)
             if self._log is None and not self.config.read_only:
                 self._log = WriteLog(root / LOG_FILE)
-            with self.write_lock:
-                index = LiveIndex(published, self._log, ref.version, IndexConfig(threads=self.config.faiss_threads),
-                                  embed_fn=lambda records: _embed_records(encoder, records))
-                self._current = Snapshot(model=ref, encoder=encoder, index=index)
+
+            def live_index() -> LiveIndex:
+                return LiveIndex(published, self._log, ref.version, IndexConfig(threads=self.config.faiss_threads),
+                                 embed_fn=lambda records: _embed_records(encoder, records))
+
+            pair = (ref.version, version)
+            if self.barrier is None or served is None:
+                with self.write_lock:
+                    index = live_index()
+                    self._current = Snapshot(model=ref, encoder=encoder, index=index)
+            else:  # staged: the old pair serves (and takes writes) until the group agrees
+                index = live_index()
+                if not self.barrier.agree(pair, self.stopping.is_set):
+                    return False
+                with self.write_lock:
+                    index.follow()  # what was acknowledged on the old pair while this one waited
+                    self._current = Snapshot(model=ref, encoder=encoder, index=index)
+            if self.barrier is not None:
+                self.barrier.announce(pair)
             logger.info("serving model %s version %s with index %s (%s, %d items)", ref.name, ref.version,
                         index.index_version, index.kind, len(index),
                         extra={"model_name": ref.name, "model_version": ref.version,
@@ -234,5 +254,6 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self.holder.stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
