@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from mlflow import MlflowClient
 
 from embed.load import load_encoder
 from index.config import IndexConfig
-from index.publish import read_current, set_current
+from index.publish import VERSIONS, list_versions, read_current, set_current
 from protos.onetower.v1 import onetower_pb2 as pb
 from service.client import Client
 from service.server import RunningServer
@@ -72,8 +73,10 @@ def test_swap_follows_alias_without_dropping_requests(swap_server: RunningServer
         for t in threads:
             t.join()
         registry.set_registered_model_alias(MODEL_NAME, "champion", old_version)
-        if old_index is not None:
+        if old_index is not None:  # the shared root as other tests expect it: one version, CURRENT on it
             set_current(trained.index_root, old_index)
+            for version in set(list_versions(trained.index_root)) - {old_index}:
+                shutil.rmtree(trained.index_root / VERSIONS / version)
     assert not errors, errors[:3]
 
 
