@@ -5,7 +5,7 @@ superseded main rows are tombstones filtered inside FAISS with an ID selector. R
 are merged by score. Every write goes to the `WriteLog` (fsync) before it is applied, and a
 restart replays the log, so nothing acknowledged is lost.
 
-Readers never take a lock: each write builds a new immutable `_State` and swaps one reference.
+Readers never take a lock: each write builds a new immutable `LiveState` and swaps one reference.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from index.config import SEARCH_THREADS, IndexConfig, SearchParams
 from index.errors import LogRewrittenError, ReembedError
 from index.faiss_index import IndexShape, as_matrix, configure_faiss, import_faiss, search_index
+from index.fresh import Hit, LiveState
 from index.log import LogEntry, LogRecord, WriteLog
 from index.publish import PublishedIndex
 
@@ -39,30 +40,7 @@ EXACT_CHUNK = 16384  # main rows scored per matrix product in an exact filtered 
 FLAT_OVERFETCH_MAX = 4096
 FOLLOW_RETRIES = 3
 REPLAY_CHUNK = 256  # log records read and applied at a time on replay
-FRESH_COMPACT_MIN = 1024  # superseded fresh rows kept before the fresh buffers are rebuilt
 EmbedFn = Callable[[Sequence[LogRecord]], np.ndarray]
-
-
-class Hit(NamedTuple):
-    """One neighbour (a tuple: made ~10x a search, where a frozen dataclass costs ~1 us each)."""
-
-    item_id: str
-    score: float
-
-
-@dataclass(frozen=True)
-class _State:
-    dead: np.ndarray  # sorted int64 main labels that are deleted or superseded by a fresh row
-    fresh_vectors: np.ndarray  # float32 (capacity, dim); rows < fresh_count are written
-    fresh_count: int
-    fresh_alive: np.ndarray  # bool (fresh_count,)
-    # item id -> its newest fresh row, copied per state so a reader never meets a row its state lacks
-    fresh_row: Mapping[str, int]
-    # per fresh row: item id, attributes, content hash; appended in place (a state reads only its first
-    # fresh_count), replaced by new lists when the fresh rows are compacted
-    fresh_ids: list[str]
-    fresh_attrs: list[dict[str, str]]
-    fresh_hashes: list[str]
 
 
 class LiveIndex:
@@ -89,8 +67,7 @@ class LiveIndex:
         self._rows = np.asarray(published.vectors)  # a plain view: a memmap's row is a memmap, built slowly
         self._embed_fn = embed_fn
         self._seen = (-1, 0)  # (log generation, entries of it applied): what of the log this view holds
-        self._state = _State(np.zeros(0, np.int64), np.zeros((16, self.dim), np.float32), 0, np.zeros(0, bool), {},
-                             [], [], [])
+        self._state = LiveState.empty(self.dim)
         if log is not None:
             self._replay(log)
 
@@ -107,17 +84,22 @@ class LiveIndex:
         s = self._state
         return len(self.main.ids) - len(s.dead) + int(s.fresh_alive.sum())
 
+    @property
+    def fresh_items(self) -> int:
+        """Items held beside the main index (written live and not in it as written)."""
+        return int(self._state.fresh_alive.sum())
+
     def __contains__(self, item_id: object) -> bool:
         return isinstance(item_id, str) and self.vector(item_id) is not None
 
     def vector(self, item_id: str) -> np.ndarray | None:
         """The stored vector of a live item, or None."""
         s = self._state
-        row = s.fresh_row.get(item_id)
-        if row is not None and s.fresh_alive[row]:
+        row = s.live_row(item_id)
+        if row is not None:
             return np.array(s.fresh_vectors[row])
         label = self.main.ids.label(item_id)
-        if label is None or _holds(s.dead, label):
+        if label is None or s.is_dead(label):
             return None
         return np.array(self._rows[label], dtype=np.float32)
 
@@ -141,7 +123,7 @@ class LiveIndex:
         s = self._state
         fetch = k + (1 if any(self_ids) else 0)
         main = self._search_main(s, q, fetch, exclude, attributes_equal, params)
-        fresh = self._search_fresh(s, q, fetch, set(exclude), attributes_equal)
+        fresh = s.search(q, fetch, set(exclude), attributes_equal)
         floor = -np.inf if min_score is None else min_score
         out = []
         for i, own in enumerate(self_ids):
@@ -151,7 +133,7 @@ class LiveIndex:
             out.append(hits[:k])
         return out
 
-    def _search_main(self, s: _State, q: np.ndarray, fetch: int, exclude: Sequence[str],
+    def _search_main(self, s: LiveState, q: np.ndarray, fetch: int, exclude: Sequence[str],
                      attributes_equal: Mapping[str, str] | None, params: SearchParams | None) -> list[list[Hit]]:
         faiss = import_faiss()
         ids = self.main.ids
@@ -219,37 +201,15 @@ class LiveIndex:
         best_l[~np.isfinite(best_s)] = -1
         return best_s, best_l
 
-    def _search_fresh(self, s: _State, q: np.ndarray, fetch: int, exclude: set[str],
-                      attributes_equal: Mapping[str, str] | None) -> list[list[Hit]]:
-        n = s.fresh_count
-        if n == 0 or not s.fresh_alive.any():
-            return [[] for _ in range(len(q))]
-        ok = s.fresh_alive.copy()
-        for item_id in exclude:  # only the rows named, not a scan of every fresh row
-            row = s.fresh_row.get(item_id)
-            if row is not None and row < n:
-                ok[row] = False
-        if attributes_equal:
-            for r in np.flatnonzero(ok).tolist():
-                attrs = s.fresh_attrs[r]
-                if any(attrs.get(key) != value for key, value in attributes_equal.items()):
-                    ok[r] = False
-        scores = q @ s.fresh_vectors[:n].T  # (Q, n)
-        scores[:, ~ok] = -np.inf
-        take = min(fetch, n)
-        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-        return [[Hit(s.fresh_ids[r], float(scores[i, r])) for r in row if np.isfinite(scores[i, r])]
-                for i, row in enumerate(top)]
-
     # ---- writing -------------------------------------------------------------------------------
     def unchanged(self, item_id: str, content_hash: str) -> bool:
         """Whether `item_id` is live with this content under this model (an upsert of it would change nothing)."""
         s = self._state
-        row = s.fresh_row.get(item_id)
-        if row is not None and row < s.fresh_count and s.fresh_alive[row]:
+        row = s.live_row(item_id)
+        if row is not None:
             return bool(content_hash) and s.fresh_hashes[row] == content_hash
         label = self.main.ids.label(item_id)
-        if label is None or _holds(s.dead, label) or self.main.manifest.model_version != self.model_version:
+        if label is None or s.is_dead(label) or self.main.manifest.model_version != self.model_version:
             return False
         return bool(content_hash) and self.main.ids.content_hashes[label] == content_hash
 
@@ -384,50 +344,9 @@ class LiveIndex:
 
     def _apply(self, records: Sequence[LogRecord]) -> None:
         """Apply records to a new state and publish it with one assignment (caller holds the lock)."""
-        s = self._state
-        dead = set(s.dead.tolist())
-        vectors, count, rows = s.fresh_vectors, s.fresh_count, dict(s.fresh_row)
-        ids, attrs, hashes = s.fresh_ids, s.fresh_attrs, s.fresh_hashes
-        alive = np.concatenate([s.fresh_alive, np.zeros(sum(r.op == "upsert" for r in records), bool)])
-        main_version = self.main.manifest.model_version
-        for r in records:
-            old = rows.get(r.item_id)
-            label = self.main.ids.label(r.item_id)
-            if old is None and label is not None and label not in dead and r.op == "upsert" \
-                    and r.model_version == main_version and r.content_hash \
-                    and self.main.ids.content_hashes[label] == r.content_hash:
-                continue  # the main index holds this write already (a reindex folded it and kept its record)
-            if old is not None:
-                alive[old] = False
-                if r.op != "upsert":
-                    del rows[r.item_id]
-            if label is not None:
-                dead.add(label)
-            if r.op != "upsert":
-                continue
-            if count == len(vectors):
-                vectors = np.concatenate([vectors, np.zeros_like(vectors)])  # readers keep the old buffer
-            vectors[count] = r.vector
-            ids.append(r.item_id)
-            attrs.append({str(k): str(v) for k, v in dict(r.content.get("attributes", {})).items()})
-            hashes.append(r.content_hash)
-            rows[r.item_id] = count
-            alive[count] = True
-            count += 1
-        state = _State(np.asarray(sorted(dead), np.int64), vectors, count, alive[:count], rows, ids, attrs, hashes)
-        self._state = _compacted(state) if count - len(rows) > max(FRESH_COMPACT_MIN, len(rows)) else state
+        self._state = self._state.applied(records, self.main.ids.label, self._main_holds)
 
-
-def _compacted(s: _State) -> _State:
-    """The same live fresh rows in new buffers, without the rows that later writes superseded or deleted."""
-    keep = np.flatnonzero(s.fresh_alive)
-    vectors = np.zeros((max(16, 2 * len(keep)), s.fresh_vectors.shape[1]), np.float32)
-    vectors[: len(keep)] = s.fresh_vectors[keep]
-    ids = [s.fresh_ids[r] for r in keep.tolist()]
-    return _State(s.dead, vectors, len(keep), np.ones(len(keep), bool), {item: i for i, item in enumerate(ids)},
-                  ids, [s.fresh_attrs[r] for r in keep.tolist()], [s.fresh_hashes[r] for r in keep.tolist()])
-
-
-def _holds(sorted_labels: np.ndarray, label: int) -> bool:
-    i = int(np.searchsorted(sorted_labels, label))
-    return i < len(sorted_labels) and int(sorted_labels[i]) == label
+    def _main_holds(self, label: int, record: LogRecord) -> bool:
+        """Whether main row `label` holds this upsert already: same content under the same model version."""
+        return record.model_version == self.main.manifest.model_version and bool(record.content_hash) \
+            and self.main.ids.content_hashes[label] == record.content_hash

@@ -357,7 +357,7 @@ def test_a_lagging_catalog_does_not_undo_live_writes_and_a_newer_row_replaces_on
         assert "live-1" in published.ids and "item-007" not in published.ids
         assert published.ids.content_hashes[published.ids.label("item-005")] == changed.content_hash()  # type: ignore[index]
         served = LiveIndex(published, WriteLog(root / LOG_FILE), VERSION)
-        assert served._state.fresh_count == 0 and len(served) == published.manifest.count  # kept records: no-ops
+        assert served.fresh_items == 0 and len(served) == published.manifest.count  # kept records: no-ops
         served.log.close()  # type: ignore[union-attr]
 
     # upstream catches up: live-1 as written; item-005 edited again after the live write; item-007 not deleted yet
