@@ -50,8 +50,9 @@ def read_catalog(path: Path) -> pl.DataFrame:
 
 
 def _updated_at_col(df: pl.DataFrame, path: Path) -> pl.Expr:
-    """`updated_at` as UTC datetimes: a datetime column (one without a zone is read as UTC), a date, or
-    ISO 8601 text; absent: all null. A reindex lets a row updated at or after a live write replace it."""
+    """`updated_at` as UTC datetimes: a datetime column (one without a zone is read as UTC), a date, ISO 8601
+    text, or numbers since the epoch (seconds, ms, us or ns, told apart by the column's largest value);
+    absent: all null. A reindex lets a row updated at or after a live write replace it."""
     utc = pl.Datetime("us", "UTC")
     if "updated_at" not in df.columns:
         return pl.lit(None, dtype=utc).alias("updated_at")
@@ -71,8 +72,14 @@ def _updated_at_col(df: pl.DataFrame, path: Path) -> pl.Expr:
             raise CatalogError(f"{path}: updated_at holds text that is not ISO 8601 times in one format ({why})") \
                 from None
         return col.str.to_datetime(time_zone="UTC", time_unit="us")
-    raise CatalogError(f"{path}: updated_at is {dtype}; want a datetime, a date or ISO 8601 text "
-                       "(epoch numbers: convert them, e.g. polars' pl.from_epoch)")
+    if dtype.is_numeric():  # seconds, ms, us or ns since the epoch: told apart by size (years 1973-5138)
+        peak = df.select(col.abs().max()).item() or 0
+        unit = next(u for bound, u in ((1e11, "s"), (1e14, "ms"), (1e17, "us"), (float("inf"), "ns")) if peak < bound)
+        scale = {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3}[unit]
+        return (col.cast(pl.Float64) * scale).round().cast(pl.Int64).cast(pl.Datetime("us")) \
+            .dt.replace_time_zone("UTC").alias("updated_at")
+    raise CatalogError(f"{path}: updated_at is {dtype}; want a datetime, a date, ISO 8601 text or a number "
+                       "of seconds (or ms, us, ns) since the epoch")
 
 
 def _text_col(df: pl.DataFrame, name: str) -> pl.Expr:

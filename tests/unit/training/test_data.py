@@ -4,7 +4,7 @@ many, embedded image bytes, missing columns, integer ids."""
 from __future__ import annotations
 
 import io
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -55,6 +55,35 @@ def test_bad_catalogs_are_refused_by_name(tmp_path: Path, frame: pl.DataFrame, m
     frame.write_parquet(tmp_path / "c.parquet")
     with pytest.raises(CatalogError, match=message):
         read_catalog(tmp_path / "c.parquet")
+
+
+NOON_UTC = datetime(2027, 1, 15, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("column", [
+    pl.Series([datetime(2027, 1, 15, 12), None]),  # no zone: read as UTC
+    pl.Series([datetime(2027, 1, 15, 13), None]).dt.replace_time_zone("Europe/Berlin"),
+    pl.Series(["2027-01-15T12:00:00Z", None]),
+    pl.Series(["2027-01-15T14:00:00+02:00", None]),
+    pl.Series([int(NOON_UTC.timestamp()), None]),  # seconds since the epoch
+    pl.Series([int(NOON_UTC.timestamp() * 1000), None]),  # milliseconds
+    pl.Series([int(NOON_UTC.timestamp() * 1_000_000), None]),  # microseconds
+], ids=["naive", "zoned", "iso-z", "iso-offset", "epoch-s", "epoch-ms", "epoch-us"])
+def test_updated_at_is_read_as_utc_whatever_its_type(tmp_path: Path, column: pl.Series) -> None:
+    path = tmp_path / "c.parquet"
+    pl.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"], "updated_at": column}).write_parquet(path)
+    assert read_catalog(path)["updated_at"].to_list() == [NOON_UTC, None]
+
+
+@pytest.mark.parametrize("column, message", [
+    (pl.Series(["yesterday", "today"]), "not ISO 8601"),
+    (pl.Series([True, False]), "Boolean"),
+])
+def test_an_updated_at_that_is_no_time_is_refused_by_name(tmp_path: Path, column: pl.Series, message: str) -> None:
+    path = tmp_path / "c.parquet"
+    pl.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"], "updated_at": column}).write_parquet(path)
+    with pytest.raises(CatalogError, match=f"updated_at.*{message}"):
+        read_catalog(path)
 
 
 def test_interactions_defaults(tmp_path: Path) -> None:
