@@ -45,8 +45,11 @@ SECONDS = 4.0 if QUICK else 12.0
 CONCURRENCY = (1, 8)
 REPO = Path(__file__).resolve().parents[2]
 
+# With a version folder as its third argument, the floor first makes the same FAISS search ours makes (the
+# stored vector of the queried id, k+1 rows, the index's default effort, one OpenMP thread) with as little
+# Python as can be: what ours costs above that is the Python we add.
 FLOOR = textwrap.dedent("""
-    import sys, time
+    import sys
     from concurrent import futures
     sys.path.insert(0, sys.argv[1])
     import grpc
@@ -54,40 +57,22 @@ FLOOR = textwrap.dedent("""
     resp = pb.SimilarItemsResponse(results=[pb.Neighbors(neighbors=[pb.Neighbor(item_id=f"i{j}", score=0.5)
                                                                     for j in range(10)])],
                                    model_version="1", index_version="v")
+    search = None
+    if len(sys.argv) > 3:
+        import faiss, numpy as np
+        index = faiss.read_index(f"{sys.argv[3]}/index.faiss", faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        vectors = np.load(f"{sys.argv[3]}/vectors.npy")
+        rows = {f"i{i}": i for i in range(len(vectors))}
+        def search(request):
+            faiss.omp_set_num_threads(1)
+            index.search(vectors[rows[request.queries[0].item_id]][None], request.k + 1)
     class Prepared(pbg.RecommendationsServicer):
         def SimilarItems(self, request, context):
+            if search is not None:
+                search(request)
             return resp
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pbg.add_RecommendationsServicer_to_server(Prepared(), server)
-    server.add_insecure_port(f"127.0.0.1:{sys.argv[2]}")
-    server.start()
-    print("serving", flush=True)
-    server.wait_for_termination()
-""")
-
-# the floor plus the same FAISS search ours makes (the stored vector of the queried id, k+1 rows, the
-# index's default effort, one OpenMP thread), with as little Python as can be: what is left above it
-# is the Python we add
-FLOOR_SEARCH = textwrap.dedent("""
-    import sys
-    from concurrent import futures
-    sys.path.insert(0, sys.argv[1])
-    import faiss, grpc, numpy as np
-    from protos.onetower.v1 import onetower_pb2 as pb, onetower_pb2_grpc as pbg
-    version = sys.argv[3]
-    index = faiss.read_index(f"{version}/index.faiss", faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    vectors = np.load(f"{version}/vectors.npy")
-    rows = {f"i{i}": i for i in range(len(vectors))}
-    resp = pb.SimilarItemsResponse(results=[pb.Neighbors(neighbors=[pb.Neighbor(item_id=f"i{j}", score=0.5)
-                                                                    for j in range(10)])],
-                                   model_version="1", index_version="v")
-    class Searching(pbg.RecommendationsServicer):
-        def SimilarItems(self, request, context):
-            faiss.omp_set_num_threads(1)
-            index.search(vectors[rows[request.queries[0].item_id]][None], request.k + 1)
-            return resp
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pbg.add_RecommendationsServicer_to_server(Searching(), server)
     server.add_insecure_port(f"127.0.0.1:{sys.argv[2]}")
     server.start()
     print("serving", flush=True)
@@ -216,7 +201,7 @@ def test_processes_beside_the_grpc_floor(tmp_path: Path) -> None:
     results["floor"] = _run([sys.executable, "-c", FLOOR, str(REPO), str(port)], port)
     port = _free_port()
     version = next((root / "versions").iterdir())
-    results["floor + search"] = _run([sys.executable, "-c", FLOOR_SEARCH, str(REPO), str(port), str(version)], port)
+    results["floor + search"] = _run([sys.executable, "-c", FLOOR, str(REPO), str(port), str(version)], port)
     baseline = os.environ.get("ONETOWER_BENCH_BASELINE")
     if baseline:  # `python -m onetower.cli` from that folder imports its code first
         port = _free_port()
