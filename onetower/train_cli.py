@@ -195,7 +195,8 @@ def reindex_command(
     incremental: Annotated[bool, typer.Option(
         help="Re-embed only items whose content hash changed since the current index (same model version).")]
     = False,
-    fold_log: Annotated[bool, typer.Option(help="Fold the live-write log into the new index, then trim it.")]
+    fold_log: Annotated[bool, typer.Option(help="Fold the live-write log into the new index, then trim what the "
+                                               "catalog shows (or replaced: a row with a later updated_at).")]
     = True,
     keep_versions: Annotated[int, typer.Option(min=0, help="Published versions kept on disk (0: all).")] = 3,
     engine: Annotated[Engine, ENGINE.option()] = ENGINE.default,
@@ -216,6 +217,10 @@ def reindex_command(
 
     The model files are cached under INDEX_ROOT/.model-cache; CURRENT moves only after the new version
     verifies, so a running service keeps serving the previous one until then.
+
+    Live writes (UpsertItems, DeleteItems) win over catalog rows updated before them (or without
+    updated_at) and stay in the log until the catalog shows them, so reindexing from a catalog that
+    lags the service never undoes an acknowledged write; a row updated at or after the write replaces it.
     """
     uri, _ = use_tracking(tracking_uri, Path.cwd())
     try:
