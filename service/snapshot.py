@@ -33,7 +33,7 @@ from index.publish import (
 )
 from service.config import ServiceConfig
 from service.registry import ModelRef, cached_model, download_model, lookup_model
-from service.swap_barrier import SwapBarrier
+from service.swap_barrier import WAKE_S, SwapBarrier
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class SnapshotHolder:
     @property
     def current(self) -> Snapshot | None:
         return self._current
+
+    def served_pair(self) -> tuple[str, str] | None:
+        """(model version, index version) served now, or None while loading."""
+        snap = self._current
+        return (snap.model_version, snap.index.index_version) if snap is not None else None
 
     def refresh(self, registry_timeout_s: float | None = None) -> bool:
         """Load the pair the registry and `CURRENT` name, if it differs from the served one.
@@ -216,8 +221,13 @@ class Watcher:
             self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            self.poll()
+        barrier = self.holder.barrier
+        due = time.monotonic() + self.poll_seconds
+        while not self._stop.wait(min(self.poll_seconds, WAKE_S) if barrier is not None else self.poll_seconds):
+            # a member of a group polls when its interval is up, or as soon as another member staged a pair
+            if time.monotonic() >= due or (barrier is not None and barrier.news(self.holder.served_pair())):
+                self.poll()
+                due = time.monotonic() + self.poll_seconds
 
     def poll(self) -> None:
         """One refresh; failures are logged and leave the served snapshot in place."""

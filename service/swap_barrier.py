@@ -9,7 +9,9 @@ the new one; each then swaps within `POLL_S` of the last one to stage it.
 It never holds the group back for long: past `WAIT_S` (a member that cannot load the pair: refused,
 out of memory, restarting) a member swaps alone, with a warning. A member that sees another stage a
 different pair after it staged its own (a newer publication) gives up its staged pair and loads again
-at its next poll, so two publications in quick succession converge on the newer one.
+at its next poll, so two publications in quick succession converge on the newer one. A member that sees
+another stage a pair it does not serve polls at once (`news`, every `WAKE_S`), so the group swaps about one
+load after the first member's poll, not one poll interval later.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 Pair = tuple[str, str]  # (model version, index version)
 WAIT_S = 120.0  # longest a staged pair waits for the other members
 POLL_S = 0.02  # how often a waiting member reads the others' slot files
+WAKE_S = 0.25  # how often an idle member looks for a pair another member staged (then polls at once)
 
 
 class SwapBarrier:
@@ -37,6 +40,17 @@ class SwapBarrier:
             raise ValueError(f"slot={slot} must be in [0, members={members})")
         self.directory, self.slot, self.members = directory, slot, members
         self.wait_s, self.poll_s = wait_s, poll_s
+        self._seen: dict[int, int] = {}  # slot -> time of its announcement `news` last looked at
+
+    def news(self, served: Pair | None) -> bool:
+        """Whether another member announced, since the last look, a pair this one does not serve: its
+        watcher should poll now rather than at its next interval (the others load the pair meanwhile)."""
+        fresh = False
+        for s, (pair, ns) in self._read().items():
+            if s != self.slot and ns > self._seen.get(s, 0):
+                self._seen[s] = ns
+                fresh = fresh or pair != served
+        return fresh
 
     def announce(self, pair: Pair) -> None:
         """Say that this member serves or has staged `pair` (an atomic replace of its slot file)."""

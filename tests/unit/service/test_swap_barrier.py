@@ -14,7 +14,7 @@ from index.log import LogRecord
 from index.publish import load_version, publish_index
 from service.config import ServiceConfig
 from service.registry import lookup_model
-from service.snapshot import SnapshotHolder
+from service.snapshot import SnapshotHolder, Watcher
 from service.swap_barrier import SwapBarrier
 
 from .conftest import Served
@@ -107,3 +107,31 @@ def upsert_record(holder: SnapshotHolder, item_id: str) -> np.ndarray:
         snap.index.upsert([LogRecord(op="upsert", item_id=item_id, model_version=snap.model_version, vector=vector,
                                      content=item.to_content(), content_hash=item.content_hash())])
     return vector
+
+
+def test_a_member_whose_poll_is_far_off_polls_when_another_stages_a_pair(served: Served, tmp_path: Path) -> None:
+    """One member polls every 0.3 s, the other every 10 minutes: the second polls as soon as the first has
+    staged the new version, so both swap to it about one load later, not 10 minutes (or 120 s) later."""
+    root = _own_index_root(served, tmp_path / "index")
+    holders = [SnapshotHolder(ServiceConfig(model_uri=str(served.encoder_dir), index_root=root, poll_seconds=0,
+                                            cache_dir=tmp_path / "cache", swap_dir=tmp_path, swap_slot=slot,
+                                            swap_members=2)) for slot in (0, 1)]
+    watchers = [Watcher(h, poll) for h, poll in zip(holders, (0.3, 600.0), strict=True)]
+    try:
+        for h in holders:
+            assert h.refresh()
+        for w in watchers:
+            w.start()
+        current = load_version(root)
+        ref = lookup_model(str(served.encoder_dir))
+        new = publish_index(root, np.asarray(current.vectors), current.ids, IndexConfig(kind="flat"), ref.name,
+                            ref.version).manifest.index_version
+        deadline = time.monotonic() + 60
+        while {h.served_pair() for h in holders} != {(ref.version, new)}:
+            assert time.monotonic() < deadline, [h.served_pair() for h in holders]
+            time.sleep(0.05)
+    finally:
+        for w in watchers:
+            w.stop()
+        for h in holders:
+            h.close()
