@@ -121,24 +121,28 @@ class SnapshotHolder:
                 return LiveIndex(published, self._log, ref.version, IndexConfig(threads=self.config.faiss_threads),
                                  embed_fn=lambda records: _embed_records(encoder, records))
 
-            pair = (ref.version, version)
+            pair, waited = (ref.version, version), 0.0
             if self.barrier is None or served is None:
                 with self.write_lock:
                     index = live_index()
                     self._current = Snapshot(model=ref, encoder=encoder, index=index)
             else:  # staged: the old pair serves (and takes writes) until the group agrees
                 index = live_index()
+                staged = time.monotonic()
                 if not self.barrier.agree(pair, self.stopping.is_set):
                     return False
+                waited = time.monotonic() - staged
                 with self.write_lock:
                     index.follow()  # what was acknowledged on the old pair while this one waited
                     self._current = Snapshot(model=ref, encoder=encoder, index=index)
             if self.barrier is not None:
                 self.barrier.announce(pair)
-            logger.info("serving model %s version %s with index %s (%s, %d items)", ref.name, ref.version,
+            logger.info("serving model %s version %s with index %s (%s, %d items)%s", ref.name, ref.version,
                         index.index_version, index.kind, len(index),
+                        f"; staged {waited:.1f}s until the other processes had loaded it" if waited else "",
                         extra={"model_name": ref.name, "model_version": ref.version,
-                               "index_version": index.index_version, "items": len(index)})
+                               "index_version": index.index_version, "items": len(index),
+                               "staged_s": round(waited, 3)})
             return True
 
     def _load_proven(self, version: str) -> PublishedIndex:
