@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from embed.image_bytes import strip_metadata
 
 MAX_ITEM_ID_BYTES = 256
 
@@ -47,6 +50,14 @@ class Item:
             h.update(len(img).to_bytes(8, "little"))
             h.update(hashlib.sha256(img).digest())
         return h.hexdigest()
+
+    def stored_form(self) -> Item:
+        """This item as the live-write log stores it: each image's metadata and trailing bytes dropped, pixels
+        kept (`embed.image_bytes.strip_metadata`). A reindex hashes catalog rows this way too, to tell
+        whether the catalog shows a live write."""
+        if not self.images:
+            return self
+        return dataclasses.replace(self, images=tuple(strip_metadata(data) for data in self.images))
 
     def to_content(self) -> dict[str, Any]:
         """Plain mapping of the content (for the live-write log)."""

@@ -82,10 +82,7 @@ def fold_log(records: Sequence[LogRecord], rows: IndexRows, model_version: str, 
     Returns:
         (re-embedded, refused) among the upserts.
     """
-    newest: dict[str, LogRecord] = {}
-    for r in records:
-        newest.pop(r.item_id, None)  # items new to the index come in the order they were last written
-        newest[r.item_id] = r
+    newest = {item_id: records[i] for item_id, i in _newest(records).items()}
     same = [r for r in newest.values() if r.op == "upsert" and r.model_version == model_version and r.vector is not None]
     if same:
         source = rows.add_source(as_matrix(np.stack([np.asarray(r.vector) for r in same]), "log vectors", dim))
@@ -145,10 +142,7 @@ def reconcile_log(records: Sequence[LogRecord], catalog: Mapping[str, CatalogRow
     Older records of an item are dropped (its newest decides). A record without a time (`written_ms` 0:
     written before records had one) is folded and dropped, as every record was then.
     """
-    newest: dict[str, int] = {}
-    for i, r in enumerate(records):
-        newest.pop(r.item_id, None)  # items new to the index come in the order they were last written
-        newest[r.item_id] = i
+    newest = _newest(records)
     fold: list[LogRecord] = []
     keep: list[int] = []
     replaced = 0
@@ -165,6 +159,16 @@ def reconcile_log(records: Sequence[LogRecord], catalog: Mapping[str, CatalogRow
         if not shown:
             keep.append(i)
     return LogPlan(fold=fold, keep=sorted(keep), replaced=replaced)
+
+
+def _newest(records: Sequence[LogRecord]) -> dict[str, int]:
+    """Item id -> index of its newest record, items in the order they were last written (so items new to
+    the index are added in that order)."""
+    newest: dict[str, int] = {}
+    for i, r in enumerate(records):
+        newest.pop(r.item_id, None)
+        newest[r.item_id] = i
+    return newest
 
 
 def _attributes(record: LogRecord) -> dict[str, str]:

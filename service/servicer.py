@@ -33,7 +33,6 @@ from service.validate import (
     parse_min_score,
     parse_search_params,
     parse_vector,
-    stored_form,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class RecommendationsServicer(pb_grpc.RecommendationsServicer):
     @guarded
     def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.ServicerContext) -> pb.UpsertItemsResponse:
         _check_writable(self.holder.config.read_only)
-        items = [stored_form(it) for it in parse_items(request.items, self.limits, need_id=True)]
+        items = [it.stored_form() for it in parse_items(request.items, self.limits, need_id=True)]
         k = request.neighbors_k
         if k < 0 or k > self.limits.max_k:
             raise invalid("k_out_of_range", f"neighbors_k={k} must be in [0, {self.limits.max_k}]")

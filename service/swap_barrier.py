@@ -52,12 +52,15 @@ class SwapBarrier:
                 fresh = fresh or pair != served
         return fresh
 
-    def announce(self, pair: Pair) -> None:
-        """Say that this member serves or has staged `pair` (an atomic replace of its slot file)."""
+    def announce(self, pair: Pair) -> int:
+        """Say that this member serves or has staged `pair` (an atomic replace of its slot file); returns
+        the announcement's time (ns since the epoch)."""
         path = self.directory / f"slot-{self.slot}"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pair": list(pair), "ns": time.time_ns()}))
+        ns = time.time_ns()
+        tmp.write_text(json.dumps({"pair": list(pair), "ns": ns}))
         os.replace(tmp, path)
+        return ns
 
     def agree(self, pair: Pair, stop: Callable[[], bool] = lambda: False) -> bool:
         """Announce `pair` as staged and wait until every member names it.
@@ -66,8 +69,7 @@ class SwapBarrier:
             True: swap now (all agree, or `wait_s` passed: logged); False: another member staged a
             different pair after this one did (a newer publication), or `stop()` became true.
         """
-        self.announce(pair)
-        mine = self._read().get(self.slot, (pair, 0))[1]
+        mine = self.announce(pair)
         deadline = time.monotonic() + self.wait_s
         while True:
             others = self._read()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from embed.image_bytes import strip_metadata
 from embed.images import image_pixels
 from embed.items import Item
 from index.config import MAX_EF_SEARCH, MAX_NPROBE, SearchParams
@@ -79,13 +77,6 @@ def parse_items(items: Sequence[pb.Item], limits: Limits, need_id: bool, field: 
             raise invalid("item_empty", f"{where} has neither text (title, description, attributes) nor images")
         out.append(item)
     return out
-
-
-def stored_form(item: Item) -> Item:
-    """`item` as the live-write log stores it: each image's metadata and trailing bytes dropped, pixels kept."""
-    if not item.images:
-        return item
-    return dataclasses.replace(item, images=tuple(strip_metadata(data) for data in item.images))
 
 
 def parse_vector(values: Sequence[float], dim: int, field: str) -> np.ndarray:

@@ -64,14 +64,14 @@ def _updated_at_col(df: pl.DataFrame, path: Path) -> pl.Expr:
         return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     if dtype == pl.Null:
         return col.cast(utc)
-    if dtype == pl.String:
+    if dtype == pl.String:  # parsed here, once, so a bad value is refused by name
         try:
-            df.select(col.str.to_datetime(time_zone="UTC", time_unit="us"))
+            parsed = df.select(col.str.to_datetime(time_zone="UTC", time_unit="us")).to_series()
         except pl.exceptions.PolarsError as e:
             why = str(e).strip().splitlines()[0][:200]
             raise CatalogError(f"{path}: updated_at holds text that is not ISO 8601 times in one format ({why})") \
                 from None
-        return col.str.to_datetime(time_zone="UTC", time_unit="us")
+        return pl.lit(parsed).alias("updated_at")
     if dtype.is_numeric():  # seconds, ms, us or ns since the epoch: told apart by size (years 1973-5138)
         peak = df.select(col.abs().max()).item() or 0
         unit = next(u for bound, u in ((1e11, "s"), (1e14, "ms"), (1e17, "us"), (float("inf"), "ns")) if peak < bound)

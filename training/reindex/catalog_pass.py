@@ -8,7 +8,6 @@ engine's vectors for) everything else and writes it shard by shard, so a crash c
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ import numpy as np
 import polars as pl
 
 from embed.encoder import ItemEncoder
-from embed.image_bytes import strip_metadata
 from embed.items import Item
 from index.compact import CatalogRow, IndexRows
 from index.publish import PublishedIndex
@@ -177,7 +175,6 @@ def catalog_rows(frame: pl.DataFrame, base: Path, item_ids: Iterable[str]) -> di
     updated = dict(zip(wanted["item_id"].to_list(), wanted["updated_at"].dt.epoch("ms").to_list(), strict=True))
     out: dict[str, CatalogRow] = {}
     for item in iter_items(wanted, base):
-        stripped = dataclasses.replace(item, images=tuple(strip_metadata(b) for b in item.images))
-        out[item.item_id] = CatalogRow(frozenset({item.content_hash(), stripped.content_hash()}),
+        out[item.item_id] = CatalogRow(frozenset({item.content_hash(), item.stored_form().content_hash()}),
                                        updated[item.item_id])
     return out
