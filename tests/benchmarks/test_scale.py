@@ -13,7 +13,8 @@ free disk under its work folder (ONETOWER_SCALE_DIR, else pytest's tmp_path) and
    search (chunked BLAS over the memmap) for an nprobe sweep with the serving search path; build time, size.
 4. `onetower serve` on it with 1 process and with `--processes 2`: SimilarItems by vector (k=10) from a client
    process at concurrency 1 and 8, recall through gRPC, VmRSS, Pss and anonymous memory of the serving processes.
-A second test measures the batch reindex job's items/s and its stages, extrapolated to N.
+A second test runs the batch reindex job over N / 10 synthetic items (1M at 10M; at least 20,000), full and
+incremental, times its stages apart on 20,000 of them, and extrapolates to N.
 Results: bench-results/scale.md (the summary, targets marked), scale_choice.md, scale_recall.md,
 scale_grpc.md and scale_reindex.md.
 """
@@ -71,7 +72,7 @@ TARGET_RECALL, TARGET_P99_MS, TARGET_MEMORY_GIB = 0.90, 20.0, 16.0
 NPROBES = (8, 16, 32, 64, 128)
 PQ_MS = (32, 64)  # code bytes per vector tried on the sample, smallest first
 SECONDS = 10.0
-REINDEX_N = int(os.environ.get("ONETOWER_SCALE_REINDEX_N", "20000"))
+REINDEX_N = int(os.environ.get("ONETOWER_SCALE_REINDEX_N", max(20_000, N // 10)))  # 1M at N = 10M
 REPO = Path(__file__).resolve().parents[2]
 _MEASURED: dict[str, float] = {}  # the first test's build time at N, for the reindex test's build row
 
@@ -577,24 +578,48 @@ def _status_kib(field: str) -> int:
 
 
 # ---- reindex at that size --------------------------------------------------------------------
+REINDEX_STAGE_N = min(REINDEX_N, 20_000)  # items whose stages are timed apart (held in memory, decoded)
+CATALOG_BYTES_PER_ITEM = 8 << 10  # measured: 20,000 synthetic items (64 px PNGs) take 142 MB on ext4
+
+
 def test_reindex_rate_extrapolated(tmp_path: Path) -> None:
-    """The local reindex job's items/s on REINDEX_N synthetic items (tiny encoder, 1 torch thread), its stages
-    timed apart on the same items, extrapolated to N; the slowest stage named."""
-    ds = generate(tmp_path / "data", SynthConfig(n_items=REINDEX_N, n_users=50, seed=3))
+    """The local reindex job over REINDEX_N synthetic items (1M at N = 10M; tiny encoder, 1 torch thread), full
+    and then incremental over the unchanged catalog; the stages timed apart on the first REINDEX_STAGE_N items;
+    extrapolated to N with the IVF-PQ build the first test measured; the slowest stage named."""
+    work = Path(os.environ.get("ONETOWER_SCALE_DIR") or tmp_path) / "reindex"
+    work.mkdir(parents=True, exist_ok=True)
+    need = REINDEX_N * (CATALOG_BYTES_PER_ITEM + 3 * DIM * 4) + (1 << 30)  # catalog, shards + published + margin
+    free = shutil.disk_usage(work).free
+    print(f"\nreindex at {REINDEX_N:,} items needs {need / 2**30:.1f} GiB free under {work}: "
+          f"{free / 2**30:.1f} GiB free", flush=True)
+    if free < need:
+        pytest.skip(f"{REINDEX_N:,} items need {need / 2**30:.1f} GiB free under {work}, have {free / 2**30:.1f} "
+                    "GiB (set ONETOWER_SCALE_DIR, or a smaller ONETOWER_SCALE_REINDEX_N)")
+    try:
+        _reindex_run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _reindex_run(work: Path) -> None:
     from embed.config import preset
     from embed.load import save_encoder
     from embed.model import UnifiedEncoder
     from embed.tokens import TextTokenizer
 
+    t = time.perf_counter()
+    ds = generate(work / "data", SynthConfig(n_items=REINDEX_N, n_users=50, seed=3))
+    generate_s = time.perf_counter() - t
+    print(f"catalog of {REINDEX_N:,} items generated in {generate_s:.0f} s", flush=True)
     frame = read_catalog(ds.catalog)
     t = time.perf_counter()
-    items = list(iter_items(frame, ds.catalog.parent))
+    items = list(iter_items(frame.head(REINDEX_STAGE_N), ds.catalog.parent))
     hashes = [it.content_hash() for it in items]
     read_hash_s = time.perf_counter() - t
     tok = TextTokenizer.train([it.text for it in items[:5000]], 2048, min_frequency=1)
     torch.manual_seed(0)
-    enc_dir = save_encoder(tmp_path / "enc", UnifiedEncoder(preset("tiny", vocab_size=tok.vocab_size,
-                                                                   embed_dim=DIM)), tok)
+    enc_dir = save_encoder(work / "enc", UnifiedEncoder(preset("tiny", vocab_size=tok.vocab_size,
+                                                                embed_dim=DIM)), tok)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -613,29 +638,39 @@ def test_reindex_rate_extrapolated(tmp_path: Path) -> None:
         for f in feats:
             encoder.encode_features(f)
         encode_s = time.perf_counter() - t
-        del feats
-        result = reindex(ds.catalog, encoder, "bench", "1", tmp_path / "index", IndexConfig(kind="flat", use_gpu=False))
+        del feats, items
+        config = IndexConfig(kind="flat", use_gpu=False)
+        full = reindex(ds.catalog, encoder, "bench", "1", work / "index", config)
+        again = reindex(ds.catalog, encoder, "bench", "1", work / "index", config, incremental=True)
     finally:
         torch.set_num_threads(threads)
-    rate = (result.count + result.skipped) / result.seconds
+    assert full.count + full.skipped == REINDEX_N and again.reused >= 0.9 * again.count, (full, again)
+    rate = (full.count + full.skipped) / full.seconds
     stages = {"read_and_hash": read_hash_s, "decode": decode_s, "tokenise": tokenise_s, "encode": encode_s}
-    rows = [{"stage": name, "seconds": round(s, 2), "items_per_s": round(len(items) / s),
-             "at_N_min": round(N / (len(items) / s) / 60, 1)} for name, s in stages.items()]
+    rows = [{"stage": f"{name} ({REINDEX_STAGE_N:,} items, alone)", "seconds": round(s, 2),
+             "items_per_s": round(REINDEX_STAGE_N / s), "at_N_min": round(N / (REINDEX_STAGE_N / s) / 60, 1)}
+            for name, s in stages.items()]
     if "build_s" in _MEASURED:  # the IVF-PQ build at N, measured by the test above in this run
         rows.append({"stage": "build (IVF-PQ at N, measured above)", "seconds": round(_MEASURED["build_s"], 1),
                      "items_per_s": round(N / _MEASURED["build_s"]), "at_N_min": round(_MEASURED["build_s"] / 60, 1)})
     slowest = min(rows, key=lambda r: r["items_per_s"])
-    rows.append({"stage": "reindex job (local engine, end to end, flat index)", "seconds": round(result.seconds, 2),
-                 "items_per_s": round(rate), "at_N_min": round(N / rate / 60, 1)})
+    rows.append({"stage": f"reindex job over {REINDEX_N:,} items (local engine, end to end, flat index)",
+                 "seconds": round(full.seconds, 1), "items_per_s": round(rate), "at_N_min": round(N / rate / 60, 1)})
+    rows.append({"stage": f"incremental reindex, catalog unchanged ({again.reused:,} vectors reused, "
+                          f"{again.embedded:,} embedded)", "seconds": round(again.seconds, 1),
+                 "items_per_s": round(REINDEX_N / again.seconds), "at_N_min": round(N / (REINDEX_N / again.seconds) / 60, 1)})
     if "build_s" in _MEASURED:  # the job embeds at its measured rate, then builds the IVF-PQ at N
         at_n = N / rate + _MEASURED["build_s"]
         rows.append({"stage": "reindex at N: job rate + IVF-PQ build at N (extrapolated)", "seconds": round(at_n),
                      "items_per_s": round(N / at_n), "at_N_min": round(at_n / 60, 1)})
+    rows.append({"stage": f"(generating the synthetic catalog of {REINDEX_N:,} items, not part of the job)",
+                 "seconds": round(generate_s, 1), "items_per_s": round(REINDEX_N / generate_s), "at_N_min": ""})
     write_result("scale_reindex", rows,
                  f"{REINDEX_N:,} synthetic items (64 px PNGs, 10% without image), tiny encoder embed_dim {DIM} "
-                 f"untrained, batch 64, torch 1 thread; stages timed apart on the same items, each single-threaded "
-                 f"(the job overlaps decode + tokenise of batch i+1 with encode of batch i); flat index at this size "
-                 f"(the IVF-PQ build at N is in scale.md); at_N_min = N / items_per_s for N={N:,}. Bottleneck: "
-                 f"{slowest['stage']} ({slowest['items_per_s']} items/s). The local engine, not Ray: on these 2 "
-                 f"cores Ray's engine ran at 0.37-0.54x the local one (docs/PERFORMANCE.md, reindex pipeline). "
-                 f"{len(set(hashes))} distinct hashes. Load average at the end: {os.getloadavg()}")
+                 f"untrained, batch 64, torch 1 thread; stages timed apart on the first {REINDEX_STAGE_N:,} items, "
+                 f"each single-threaded (the job overlaps decode + tokenise of batch i+1 with encode of batch i); "
+                 f"flat index at this size (the IVF-PQ build at N is in scale.md); at_N_min = N / items_per_s for "
+                 f"N={N:,}. Bottleneck: {slowest['stage']} ({slowest['items_per_s']} items/s). The local engine, "
+                 f"not Ray: on these 2 cores Ray's engine ran at 0.37-0.54x the local one (docs/PERFORMANCE.md, "
+                 f"reindex pipeline). {len(set(hashes))} distinct hashes in the stage sample. Load average at the "
+                 f"end: {os.getloadavg()}")
