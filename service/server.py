@@ -99,7 +99,9 @@ def start_server(config: ServiceConfig, load: bool = True) -> RunningServer:
     early = load and config.reuse_port
     if early:
         try:
-            holder.refresh()
+            # False with nothing served: restarted into a running group, another member staged a newer pair
+            while not holder.refresh() and holder.current is None and not holder.stopping.is_set():
+                pass
         except BaseException:
             holder.close()
             raise

@@ -122,11 +122,12 @@ class SnapshotHolder:
                                  embed_fn=lambda records: _embed_records(encoder, records))
 
             pair, waited = (ref.version, version), 0.0
-            if self.barrier is None or served is None:
+            if self.barrier is None or (served is None and not self.barrier.group_running()):
                 with self.write_lock:
                     index = live_index()
                     self._current = Snapshot(model=ref, encoder=encoder, index=index)
-            else:  # staged: the old pair serves (and takes writes) until the group agrees
+            else:  # staged: the old pair serves (and takes writes) until the group agrees; a member restarted
+                # into a running group has none and is not listening yet: it waits for the others to load this
                 index = live_index()
                 staged = time.monotonic()
                 if not self.barrier.agree(pair, self.stopping.is_set):

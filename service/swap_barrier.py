@@ -11,7 +11,10 @@ out of memory, restarting) a member swaps alone, with a warning. A member that s
 different pair after it staged its own (a newer publication) gives up its staged pair and loads again
 at its next poll, so two publications in quick succession converge on the newer one. A member that sees
 another stage a pair it does not serve polls at once (`news`, every `WAKE_S`), so the group swaps about one
-load after the first member's poll, not one poll interval later.
+load after the first member's poll, not one poll interval later. A member restarted into a running group
+(another slot already names a pair) goes through the barrier with its first pair too, before it listens: if
+a pair was published while it was down, the others load it and the group swaps to it together, rather than
+the restarted member serving it a load ahead of them.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class SwapBarrier:
                 self._seen[s] = ns
                 fresh = fresh or pair != served
         return fresh
+
+    def group_running(self) -> bool:
+        """Whether another member has announced a pair: this one joins a running group (a restart), not
+        one starting with it."""
+        return any(s != self.slot for s in self._read())
 
     def announce(self, pair: Pair) -> int:
         """Say that this member serves or has staged `pair` (an atomic replace of its slot file); returns

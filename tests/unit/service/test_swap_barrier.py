@@ -135,3 +135,48 @@ def test_a_member_whose_poll_is_far_off_polls_when_another_stages_a_pair(served:
             w.stop()
         for h in holders:
             h.close()
+
+
+def test_a_member_restarted_into_a_running_group_joins_its_pair_and_waits_for_it_to_load_a_newer_one(
+        served: Served, tmp_path: Path) -> None:
+    """A restarted member comes up at once on the pair the group serves; if a newer pair was published while
+    it was down, it does not serve that pair ahead of the others: it waits (not listening yet) until they
+    have loaded it too, and the group swaps together."""
+    root = _own_index_root(served, tmp_path / "index")
+
+    def member(slot: int) -> SnapshotHolder:
+        return SnapshotHolder(ServiceConfig(model_uri=str(served.encoder_dir), index_root=root, poll_seconds=0,
+                                            cache_dir=tmp_path / "cache", swap_dir=tmp_path, swap_slot=slot,
+                                            swap_members=2))
+
+    def start(holder: SnapshotHolder) -> threading.Thread:
+        thread = threading.Thread(target=holder.refresh)
+        thread.start()
+        return thread
+
+    holders = [member(0), member(1)]
+    try:
+        for h in holders:
+            assert h.refresh()
+        old = holders[0].served_pair()
+        holders[1].close()
+        holders[1] = member(1)  # restarted, nothing new published: the group's pair, no wait
+        start(holders[1]).join(timeout=60)
+        assert holders[1].served_pair() == old
+        holders[1].close()
+        current = load_version(root)
+        ref = lookup_model(str(served.encoder_dir))
+        new = publish_index(root, np.asarray(current.vectors), current.ids, IndexConfig(kind="flat"), ref.name,
+                            ref.version).manifest.index_version
+        holders[1] = member(1)  # restarted after the publication
+        restarted = start(holders[1])
+        time.sleep(1.0)
+        assert restarted.is_alive() and holders[1].current is None  # loaded, staged, not serving yet
+        assert holders[0].served_pair() == old
+        assert holders[0].refresh()  # the other member's poll: it loads the new pair, and both swap
+        restarted.join(timeout=60)
+        assert [h.served_pair() for h in holders] == [(ref.version, new)] * 2
+    finally:
+        for h in holders:
+            h.stopping.set()
+            h.close()
