@@ -122,7 +122,10 @@ class SnapshotHolder:
                                  embed_fn=lambda records: _embed_records(encoder, records))
 
             pair, waited = (ref.version, version), 0.0
-            if self.barrier is None or (served is None and not self.barrier.group_running()):
+            # a member restarted into a running group that follows the registry joins it through the barrier
+            joining = served is None and self.barrier is not None and self.config.poll_seconds > 0 \
+                and self.barrier.group_running()
+            if self.barrier is None or (served is None and not joining):
                 with self.write_lock:
                     index = live_index()
                     self._current = Snapshot(model=ref, encoder=encoder, index=index)

@@ -12,9 +12,9 @@ different pair after it staged its own (a newer publication) gives up its staged
 at its next poll, so two publications in quick succession converge on the newer one. A member that sees
 another stage a pair it does not serve polls at once (`news`, every `WAKE_S`), so the group swaps about one
 load after the first member's poll, not one poll interval later. A member restarted into a running group
-(another slot already names a pair) goes through the barrier with its first pair too, before it listens: if
-a pair was published while it was down, the others load it and the group swaps to it together, rather than
-the restarted member serving it a load ahead of them.
+that follows the registry (another slot already names a pair; `--poll-seconds` > 0) goes through the
+barrier with its first pair too, before it listens: if a pair was published while it was down, the others
+load it and the group swaps to it together, rather than the restarted member serving it a load ahead.
 """
 
 from __future__ import annotations

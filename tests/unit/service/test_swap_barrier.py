@@ -141,13 +141,13 @@ def test_a_member_restarted_into_a_running_group_joins_its_pair_and_waits_for_it
         served: Served, tmp_path: Path) -> None:
     """A restarted member comes up at once on the pair the group serves; if a newer pair was published while
     it was down, it does not serve that pair ahead of the others: it waits (not listening yet) until they
-    have loaded it too, and the group swaps together."""
+    have loaded it too, and the group swaps together. (Watchers are not started: each poll is called here.)"""
     root = _own_index_root(served, tmp_path / "index")
 
     def member(slot: int) -> SnapshotHolder:
-        return SnapshotHolder(ServiceConfig(model_uri=str(served.encoder_dir), index_root=root, poll_seconds=0,
-                                            cache_dir=tmp_path / "cache", swap_dir=tmp_path, swap_slot=slot,
-                                            swap_members=2))
+        return SnapshotHolder(ServiceConfig(model_uri=str(served.encoder_dir), index_root=root,
+                                            poll_seconds=600, cache_dir=tmp_path / "cache", swap_dir=tmp_path,
+                                            swap_slot=slot, swap_members=2))
 
     def start(holder: SnapshotHolder) -> threading.Thread:
         thread = threading.Thread(target=holder.refresh)
