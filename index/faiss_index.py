@@ -16,8 +16,7 @@ from index.config import AUTO_FLAT_BELOW, AUTO_HNSW_BELOW, IndexConfig, SearchPa
 logger = logging.getLogger(__name__)
 
 FAISS_MISSING = "FAISS is not installed: pip install 'onetower[cpu]' (or [gpu] on a CUDA machine)"
-PQ_BITS = 8  # 256 centroids per sub-quantizer, the layout every FAISS backend supports
-MIN_IVFPQ_COUNT = 4 * (1 << PQ_BITS)  # fewer points cannot train the PQ codebooks
+MIN_IVFPQ_COUNT = 4 * 256  # fewer points cannot train 8-bit PQ codebooks (4-bit ones need fewer: kept simple)
 TRAIN_POINTS_PER_LIST = 256  # FAISS's own k-means cap; more training points only cost time
 ADD_CHUNK = 1 << 20  # rows per add: OPQ would otherwise copy all rows at once (5 GB at 10M x 128)
 
@@ -136,13 +135,14 @@ def _empty_index(faiss: ModuleType, kind: str, dim: int, count: int, config: Ind
         raise ValueError(f"kind='ivfpq' needs at least {MIN_IVFPQ_COUNT} vectors to train, got {count}")
     nlist = choose_nlist(config, count)
     opq = f"OPQ{config.pq_m}," if config.use_opq else ""
-    spec = f"{opq}IVF{nlist},PQ{config.pq_m}x{PQ_BITS}"
-    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    code = f"PQ{config.pq_m}x4fs" if config.pq_bits == 4 else f"PQ{config.pq_m}x8"
+    index = faiss.index_factory(dim, f"{opq}IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.nprobe = config.nprobe
-    # The factory turns on polysemous training (tens of seconds of annealing per build, whatever the
-    # count); it only serves Hamming pre-filtering, which searches here never use.
-    ivf.do_polysemous_training = False
+    if config.pq_bits == 8:
+        # The factory turns on polysemous training (tens of seconds of annealing per build, whatever the
+        # count); it only serves Hamming pre-filtering, which searches here never use.
+        ivf.do_polysemous_training = False
     return index
 
 
@@ -171,7 +171,7 @@ def _num_gpus(faiss: ModuleType) -> int:
 
 def _training_sample(x: np.ndarray, kind: str, config: IndexConfig) -> np.ndarray:
     """At most the points FAISS would use anyway, seeded, so builds are reproducible and bounded."""
-    cap = TRAIN_POINTS_PER_LIST * max(choose_nlist(config, x.shape[0]), 1 << PQ_BITS)
+    cap = TRAIN_POINTS_PER_LIST * max(choose_nlist(config, x.shape[0]), 1 << config.pq_bits)
     if kind != "ivfpq" or x.shape[0] <= cap:
         return x
     rows = np.random.default_rng(0).choice(x.shape[0], size=cap, replace=False)

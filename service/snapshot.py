@@ -18,7 +18,7 @@ import numpy as np
 from embed.encoder import ItemEncoder
 from embed.items import Item
 from embed.load import load_encoder
-from index.config import IndexConfig
+from index.config import search_config
 from index.errors import IndexVerificationError
 from index.live import LiveIndex
 from index.log import LOG_FILE, LogRecord, WriteLog
@@ -110,6 +110,8 @@ class SnapshotHolder:
                     served.index.index_version == version:
                 return False
             published = self._load_proven(version)
+            # searched with the effort and re-rank it was published with (nprobe, ef_search, refine_factor)
+            search = search_config(published.manifest.params, threads=self.config.faiss_threads)
             encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri),
                                    precision=self.config.precision)
             encoder.max_pixels = self.config.limits.max_image_pixels
@@ -118,7 +120,7 @@ class SnapshotHolder:
                 self._log = WriteLog(root / LOG_FILE)
 
             def live_index() -> LiveIndex:
-                return LiveIndex(published, self._log, ref.version, IndexConfig(threads=self.config.faiss_threads),
+                return LiveIndex(published, self._log, ref.version, search,
                                  embed_fn=lambda records: _embed_records(encoder, records))
 
             pair, waited = (ref.version, version), 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from index.config import (
     MAX_NPROBE,
     IndexConfig,
     SearchParams,
+    search_config,
 )
 from index.faiss_index import (
     MIN_IVFPQ_COUNT,
@@ -181,6 +183,39 @@ def test_opq_ivfpq_builds_and_searches(clustered: Callable[..., np.ndarray], exa
     _, labels = search_index(index, x[:50], 5, None, SearchParams(nprobe=1), config, x)
     assert faiss.extract_index_ivf(index).nprobe == nprobe == config.nprobe
     assert _recall(labels, truth) >= 0.8
+
+
+def test_fast_scan_ivfpq_with_its_re_rank_finds_the_neighbours_and_honours_tombstones(
+        data: tuple[np.ndarray, np.ndarray], exact_top: Exact) -> None:
+    """4-bit (fast-scan) codes: coarse alone, near exact once 16x their k is re-ranked against the vectors;
+    a tombstone selector (the live index's deletes) keeps the dead rows out."""
+    x, q = data
+    config = IndexConfig(kind="ivfpq", pq_m=16, pq_bits=4, refine_factor=16, nprobe=16)
+    index = build_index(x, config)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert isinstance(ivf, faiss.IndexIVFPQFastScan) and index_kind(index) == "ivfpq"
+    _, truth = exact_top(x, q, K)
+    _, labels = search_index(index, q, K, None, None, config, x)
+    assert _recall(labels, truth) >= 0.9
+    dead = np.unique(truth[:, 0])
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(len(dead), faiss.swig_ptr(dead)))
+    _, labels = search_index(index, q, K, selector, None, config, x)
+    assert not np.isin(labels, dead).any() and (labels >= 0).all()
+    with pytest.raises(ValueError, match="pq_bits=6 must be one of"):
+        IndexConfig(pq_bits=6)
+
+
+def test_search_config_takes_the_published_settings(data: tuple[np.ndarray, np.ndarray]) -> None:
+    """A published index is searched with the effort and re-rank it was built with, not today's defaults;
+    a field this version does not know is ignored, one it lacks takes its default, overrides win."""
+    published = {**dataclasses.asdict(IndexConfig(kind="ivfpq", nprobe=7, refine_factor=16, pq_bits=4)),
+                 "a_later_field": 1}
+    del published["ef_search"]
+    config = search_config(published, threads=1)
+    assert (config.nprobe, config.refine_factor, config.pq_bits, config.threads) == (7, 16, 4, 1)
+    assert config.ef_search == IndexConfig().ef_search
+    with pytest.raises(ValueError, match="nprobe=0"):
+        search_config({"nprobe": 0})
 
 
 def test_resolve_kind_and_nlist() -> None:

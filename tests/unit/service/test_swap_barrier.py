@@ -180,3 +180,4 @@ def test_a_member_restarted_into_a_running_group_joins_its_pair_and_waits_for_it
         for h in holders:
             h.stopping.set()
             h.close()
+
