@@ -129,13 +129,14 @@ def _empty_index(faiss: ModuleType, kind: str, dim: int, count: int, config: Ind
         index.hnsw.efConstruction = config.ef_construction
         index.hnsw.efSearch = config.ef_search
         return index
-    if dim % config.pq_m:
-        raise ValueError(f"dim {dim} is not divisible by pq_m={config.pq_m}")
+    pq_m = config.pq_m or max(1, dim // (2 if config.pq_bits == 4 else 4))  # 0: dim/4 bytes a vector
+    if dim % pq_m:
+        raise ValueError(f"dim {dim} is not divisible by pq_m={pq_m}")
     if count < MIN_IVFPQ_COUNT:
         raise ValueError(f"kind='ivfpq' needs at least {MIN_IVFPQ_COUNT} vectors to train, got {count}")
     nlist = choose_nlist(config, count)
-    opq = f"OPQ{config.pq_m}," if config.use_opq else ""
-    code = f"PQ{config.pq_m}x4fs" if config.pq_bits == 4 else f"PQ{config.pq_m}x8"
+    opq = f"OPQ{pq_m}," if config.use_opq else ""
+    code = f"PQ{pq_m}x4fs" if config.pq_bits == 4 else f"PQ{pq_m}x8"
     index = faiss.index_factory(dim, f"{opq}IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.nprobe = config.nprobe

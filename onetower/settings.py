@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from embed.encoder import Precision
-from index.config import HnswStorage, IndexKind
+from index.config import HnswStorage, IndexKind, IvfCode
 from service.config import DEFAULT_PORT
 from service.explorer.config import DEFAULT_EXPLORER_PORT
 from service.logs import FORMATS
@@ -86,6 +86,11 @@ HNSW_STORAGE = Setting(
     ("--hnsw-storage",), ("ONETOWER_HNSW_STORAGE",), HnswStorage.flat,
     "hnsw: the vectors the graph walks over. sq8 (8-bit codes, re-ranked against the fp32 vectors) searched "
     "1.15-1.5x faster than flat at recall 0.95, fp16 0.93-1.33x (docs/PERFORMANCE.md).", ("reindex",))
+IVF_CODE = Setting(
+    ("--ivf-code",), ("ONETOWER_IVF_CODE",), IvfCode.pq8,
+    "ivfpq: its codes. pq8: 32 bytes a vector, 8-bit after OPQ, 4x re-rank. fastscan: dim/4 bytes (32 at dim "
+    "128), 4-bit SIMD codes, 16x re-rank, no OPQ: at equal recall half the CPU a query and a twentieth of the "
+    "build on 1M encoder-like vectors (docs/PERFORMANCE.md).", ("reindex",))
 DEVICE = Setting(("--device",), ("ONETOWER_DEVICE",), "auto", "Where reindex embeds: cpu, cuda, or auto.",
                  ("reindex",))
 PRECISION = Setting(
@@ -135,7 +140,7 @@ TLS_ROOT_CERT = Setting(("--tls-root-cert",), ("ONETOWER_TLS_ROOT_CERT",), None,
 
 SETTINGS: tuple[Setting, ...] = (
     TRACKING_URI, MODEL, INDEX_ROOT, CATALOG, INTERACTIONS, DATA, RUNS, TRAIN_CONFIG, EXPERIMENT, INDEX_KIND,
-    HNSW_STORAGE, DEVICE, PRECISION, ENGINE, RAY_ADDRESS, HOST, PORT, METRICS_PORT, METRICS_HOST, AUTH_TOKEN,
+    HNSW_STORAGE, IVF_CODE, DEVICE, PRECISION, ENGINE, RAY_ADDRESS, HOST, PORT, METRICS_PORT, METRICS_HOST, AUTH_TOKEN,
     MAX_CONCURRENT_RPCS, PROCESSES, TARGET, LOG_FORMAT, LOG_LEVEL,
     EXPLORER_HOST, EXPLORER_PORT, TLS_ROOT_CERT,
 )

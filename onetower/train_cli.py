@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from mlflow.exceptions import MlflowException
 
-from index.config import HnswStorage, IndexConfig, IndexKind
+from index.config import IVF_CODES, HnswStorage, IndexConfig, IndexKind, IvfCode
 from onetower.settings import (
     DATA,
     DEFAULT_MODEL_URI,
@@ -22,6 +22,7 @@ from onetower.settings import (
     HNSW_STORAGE,
     INDEX_KIND,
     INDEX_ROOT,
+    IVF_CODE,
     PRECISION,
     RAY_ADDRESS,
     RUNS,
@@ -189,6 +190,7 @@ def reindex_command(
     tracking_uri: TrackingOpt = None,
     kind: Annotated[IndexKind, INDEX_KIND.option()] = INDEX_KIND.default,
     hnsw_storage: Annotated[HnswStorage, HNSW_STORAGE.option()] = HNSW_STORAGE.default,
+    ivf_code: Annotated[IvfCode, IVF_CODE.option()] = IVF_CODE.default,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 64,
     device: Annotated[str, DEVICE.option()] = DEVICE.default,
     precision: PrecisionOpt = PRECISION.default,
@@ -227,7 +229,8 @@ def reindex_command(
         ray = RayOptions(address, ray_actors, ray_cpus) if engine is Engine.ray else None
         resolved = resolve_model(model, index_root.resolve() / ".model-cache")
         result = run_reindex(catalog.resolve(), index_root.resolve(), resolved,
-                             IndexConfig(kind=kind.value, hnsw_storage=hnsw_storage.value),
+                             IndexConfig(kind=kind.value, hnsw_storage=hnsw_storage.value,
+                                         **IVF_CODES[ivf_code.value]),
                              batch_size, pick_device(device), incremental=incremental, fold_log=fold_log,
                              keep_versions=keep_versions or None, ray=ray, precision=precision.value)
     except MlflowException as e:
