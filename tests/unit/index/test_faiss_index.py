@@ -209,12 +209,12 @@ def test_fast_scan_ivfpq_with_its_re_rank_finds_the_neighbours_and_honours_tombs
 def test_the_fastscan_code_takes_half_the_dim_in_sub_quantizers_and_no_rotation(
         clustered: Callable[..., np.ndarray]) -> None:
     """`reindex --ivf-code fastscan`: dim/2 four-bit sub-quantizers (dim/4 bytes, as the 8-bit default at dim
-    128), no OPQ, a 16x re-rank recorded for the service."""
+    128), no OPQ, a 64x re-rank recorded for the service."""
     config = IndexConfig(kind="ivfpq", **IVF_CODES["fastscan"])
     index = build_index(clustered(MIN_IVFPQ_COUNT, 24, seed=2, clusters=20), config)
     ivf = faiss.downcast_index(index)
     assert isinstance(ivf, faiss.IndexIVFPQFastScan)  # no pre-transform: no OPQ
-    assert (ivf.pq.M, ivf.pq.nbits, ivf.code_size, config.refine_factor) == (12, 4, 6, 16)
+    assert (ivf.pq.M, ivf.pq.nbits, ivf.code_size, config.refine_factor) == (12, 4, 6, 64)
 
 
 def test_search_config_takes_the_published_settings(data: tuple[np.ndarray, np.ndarray]) -> None:
