@@ -226,6 +226,17 @@ def nlist_for(n: int) -> int:
     return 1 << max(6, round(math.log2(math.sqrt(n))))
 
 
+def _check_disk(work: Path, need: int, what: str, smaller: str) -> None:
+    """Say what `what` needs under `work` and what is free; skip when it does not fit."""
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    print(f"\nbench-scale: {what} needs {need / 2**30:.1f} GiB free under {work}: {free / 2**30:.1f} GiB free",
+          flush=True)
+    if free < need:
+        pytest.skip(f"{what} needs {need / 2**30:.1f} GiB free under {work}, has {free / 2**30:.1f} GiB (set "
+                    f"ONETOWER_SCALE_DIR to a roomier folder, or a smaller {smaller})")
+
+
 def disk_needed(n: int) -> int:
     """Bytes at the peak: the drawn memmap and the published copy of it, PQ codes (64 B at most) and
     int64 ids in the inverted lists, ids.parquet (measured ~75 B a row with sha256 hashes), 2 GiB of margin."""
@@ -374,13 +385,7 @@ def serve_and_measure(encoder_dir: Path, root: Path, queries_path: Path, nprobe:
 # ---- the benchmark ---------------------------------------------------------------------------
 def test_ten_million_on_one_box(tmp_path: Path) -> None:
     work = Path(os.environ.get("ONETOWER_SCALE_DIR") or tmp_path)
-    work.mkdir(parents=True, exist_ok=True)
-    need, free = disk_needed(N), shutil.disk_usage(work).free
-    print(f"\nbench-scale: N={N:,} x {DIM} float32 needs {need / 2**30:.1f} GiB free under {work}: "
-          f"{free / 2**30:.1f} GiB free", flush=True)
-    if free < need:
-        pytest.skip(f"{N:,} items need {need / 2**30:.1f} GiB free under {work}, have {free / 2**30:.1f} GiB "
-                    "(set ONETOWER_SCALE_DIR to a roomier folder, or a smaller ONETOWER_SCALE_N)")
+    _check_disk(work, disk_needed(N), f"N={N:,} x {DIM} float32", "ONETOWER_SCALE_N")
     try:
         _scale_run(work)
     finally:
@@ -612,14 +617,8 @@ def test_reindex_rate_extrapolated(tmp_path: Path) -> None:
     and then incremental over the unchanged catalog; the stages timed apart on the first REINDEX_STAGE_N items;
     extrapolated to N with the IVF-PQ build the first test measured; the slowest stage named."""
     work = Path(os.environ.get("ONETOWER_SCALE_DIR") or tmp_path) / "reindex"
-    work.mkdir(parents=True, exist_ok=True)
     need = REINDEX_N * (CATALOG_BYTES_PER_ITEM + 3 * DIM * 4) + (1 << 30)  # catalog, shards + published + margin
-    free = shutil.disk_usage(work).free
-    print(f"\nreindex at {REINDEX_N:,} items needs {need / 2**30:.1f} GiB free under {work}: "
-          f"{free / 2**30:.1f} GiB free", flush=True)
-    if free < need:
-        pytest.skip(f"{REINDEX_N:,} items need {need / 2**30:.1f} GiB free under {work}, have {free / 2**30:.1f} "
-                    "GiB (set ONETOWER_SCALE_DIR, or a smaller ONETOWER_SCALE_REINDEX_N)")
+    _check_disk(work, need, f"the reindex of {REINDEX_N:,} items", "ONETOWER_SCALE_REINDEX_N")
     try:
         _reindex_run(work)
     finally:
