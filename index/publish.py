@@ -70,6 +70,9 @@ class Manifest:
         if missing:
             raise ValueError(f"manifest lacks {missing}")
         body = {k: v for k, v in data.items() if k != MANIFEST_CHECKSUM}
+        unknown = sorted(set(body) - set(MANIFEST_TYPES))
+        if MANIFEST_CHECKSUM not in data and unknown:  # e.g. its checksum's own key damaged: not a legacy one
+            raise ValueError(f"it has no {MANIFEST_CHECKSUM} and fields a manifest does not have: {unknown}")
         if MANIFEST_CHECKSUM in data and data[MANIFEST_CHECKSUM] != _checksum(body):
             raise ValueError(f"its {MANIFEST_CHECKSUM} does not match its content (altered)")
         # a buggy writer's manifest checksums whatever it wrote: the types are checked too (issue 19)

@@ -244,3 +244,14 @@ def test_prune_keeps_the_newest_and_the_current(publish: Callable[..., str], tmp
     assert prune_versions(tmp_path, keep=1) == []
     with pytest.raises(ValueError, match="keep=0"):
         prune_versions(tmp_path, keep=0)
+
+
+def test_a_manifest_whose_checksum_key_is_damaged_is_not_taken_for_a_legacy_one(publish: Callable[..., str],
+                                                                                 tmp_path: Path) -> None:
+    """A manifest without `manifest_sha256` is read as one written before checksums, but only with exactly
+    the old fields: a bit flipped in the key itself leaves an unknown field behind, and is refused."""
+    version = publish()
+    path = tmp_path / VERSIONS / version / MANIFEST_FILE
+    path.write_text(path.read_text().replace('"manifest_sha256"', '"manifest_sha246"'))
+    with pytest.raises(IndexVerificationError, match="manifest_sha246"):
+        load_version(tmp_path)
