@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from index.config import SEARCH_THREADS, IndexConfig, SearchParams
+from index.config import SEARCH_THREADS, IndexConfig, SearchParams, search_config
 from index.errors import LogRewrittenError, ReembedError
 from index.faiss_index import IndexShape, as_matrix, configure_faiss, import_faiss, search_index
 from index.fresh import Hit, LiveState
@@ -58,7 +58,8 @@ class LiveIndex:
         self.main = published
         self.log = log
         self.model_version = model_version
-        self.config = config or IndexConfig()
+        # by default, the effort and re-rank the version was published with (nprobe, ef_search, refine_factor)
+        self.config = config or search_config(published.manifest.params)
         self.dim = published.manifest.dim
         # process-wide, and the same for every LiveIndex of a process: set from measurements (IndexConfig)
         configure_faiss(self.config.threads or SEARCH_THREADS, self.config.blas_min_batch * self.dim)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.config import IndexConfig
+from index.config import IndexConfig, search_config
 from index.errors import IndexProbeError, IndexVerificationError
 from index.faiss_index import IndexShape, import_faiss, index_kind, search_index
 from index.ids import IdMap
@@ -172,16 +172,15 @@ def check_version(directory: Path) -> None:
         if kind == "flat" and not np.array_equal(index.reconstruct_n(start, len(rows)), rows):
             raise IndexVerificationError(f"{directory / INDEX_FILE}: rows from {start} differ from {VECTORS_FILE}")
     _step(directory / INDEX_FILE)
-    _check_search(directory, index, vectors)
+    _check_search(directory, index, vectors, search_config(manifest.params, threads=1))
 
 
-def _check_search(directory: Path, index: object, vectors: np.ndarray) -> None:
+def _check_search(directory: Path, index: object, vectors: np.ndarray, config: IndexConfig) -> None:
     """Search with a few stored rows, plainly and with an ID selector (the tombstone path)."""
     n = len(vectors)
     rows = np.unique(np.linspace(0, n - 1, min(PROBE_QUERIES, n)).astype(np.int64))
     queries = np.asarray(vectors[rows], dtype=np.float32)
     shape = IndexShape.of(index)
-    config = IndexConfig(threads=1)
     k = min(10, n)
     selector = import_faiss().IDSelectorNot(import_faiss().IDSelectorBatch(rows[:1]))
     for sel in (None, selector):

@@ -110,7 +110,7 @@ class SnapshotHolder:
                     served.index.index_version == version:
                 return False
             published = self._load_proven(version)
-            # searched with the effort and re-rank it was published with (nprobe, ef_search, refine_factor)
+            # the effort and re-rank it was published with, with this service's search threads
             search = search_config(published.manifest.params, threads=self.config.faiss_threads)
             encoder = load_encoder(download_model(ref, self.config.cache_dir, self.config.tracking_uri),
                                    precision=self.config.precision)

@@ -8,6 +8,7 @@ import numpy as np
 
 from index.config import IndexConfig
 from index.ids import IdMap
+from index.live import LiveIndex
 from index.publish import load_version, publish_index
 from service.config import ServiceConfig
 from service.registry import lookup_model
@@ -34,6 +35,8 @@ def test_the_served_index_is_searched_with_the_effort_it_was_published_with(serv
         assert holder.refresh()
         index = holder.current.index  # type: ignore[union-attr]
         assert (index.config.nprobe, index.config.refine_factor, index.config.threads) == (5, 16, 1)
+        # so does a LiveIndex given no config, e.g. in a batch job
+        assert LiveIndex(load_version(root), None, ref.version).config.refine_factor == 16
         hits = index.search(x[:20], 1)
         assert [h[0].item_id for h in hits] == [f"p{i}" for i in range(20)]  # exact scores after the re-rank
     finally:
